@@ -1,7 +1,32 @@
-"""qkdissect: singular modes of query-key interaction in transformers, and how singular modes are learned."""
+"""qkdissect: singular modes of query-key interaction in transformers, and how singular modes are learned.
 
+    >>> import qkdissect
+    >>> loaded = qkdissect.load_model("timm:vit_base_patch16_224")   # or a folder, builtin:..., hf:...
+    >>> atlas = qkdissect.dissect(loaded)                             # ModeAtlas
+    >>> head = atlas.head(3, 5)                                       # .U .S .V .key_bias .cosines .weighted_cosine
+    >>> atlas.save("atlas/")
+"""
+
+from qkdissect.adapters import AttentionLayer, LoadedModel, ModelAdapter, Preprocessing, get_adapter, load_model
+from qkdissect.decomposition import HeadModes, ModeAtlas, dissect, factored_svd
 from qkdissect.errors import QKDissectError
+from qkdissect.metrics import NullReference, gaussian_null
 
 __version__ = "0.1.0"
 
-__all__ = ["QKDissectError", "__version__"]
+__all__ = [
+    "AttentionLayer",
+    "HeadModes",
+    "LoadedModel",
+    "ModeAtlas",
+    "ModelAdapter",
+    "NullReference",
+    "Preprocessing",
+    "QKDissectError",
+    "__version__",
+    "dissect",
+    "factored_svd",
+    "gaussian_null",
+    "get_adapter",
+    "load_model",
+]

@@ -1,0 +1,5 @@
+"""``python -m qkdissect`` (also what ``torchrun -m qkdissect`` runs)."""
+
+from qkdissect.cli import main
+
+main()

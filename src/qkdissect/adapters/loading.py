@@ -1,0 +1,279 @@
+"""``load_model(spec)``: models by name (timm / Hugging Face), from folders, or built in.
+
+Spec grammar:
+    timm:NAME            timm.create_model(NAME) — pretrained weights when online, or
+                         ``checkpoint=FILE`` (safetensors / torch state dict), or random init
+    hf:ID_OR_PATH        transformers ``AutoModel.from_pretrained`` (a ``save_pretrained`` folder)
+    PATH                 a folder: ``config.json`` with ``architecture`` (timm) or ``model_type`` (HF)
+    builtin:NAME         a model that ships with qkdissect (see ``builtin_models()``)
+    NAME                 a timm model name
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from qkdissect.adapters.base import ModelAdapter, Preprocessing
+from qkdissect.adapters.registry import get_adapter
+from qkdissect.errors import QKDissectError
+
+__all__ = ["LoadedModel", "load_model", "load_state_dict", "register_builtin", "builtin_models", "wrap_model"]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready for qkdissect: the module (eval mode), its adapter, and where it came from."""
+
+    model: nn.Module
+    adapter: ModelAdapter
+    spec: str
+    checkpoint: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def family(self) -> str:
+        return self.adapter.family
+
+    @property
+    def preprocessing(self) -> Preprocessing | None:
+        return self.adapter.preprocessing()
+
+
+_BUILTINS: dict[str, tuple[Callable[[], LoadedModel], str]] = {}
+
+
+def register_builtin(name: str, loader: Callable[[], LoadedModel], description: str) -> None:
+    """Make ``builtin:name`` load with ``loader()``."""
+    _BUILTINS[name] = (loader, description)
+
+
+def builtin_models() -> dict[str, str]:
+    """Names and one-line descriptions of the built-in models."""
+    _import_builtins()
+    return {name: description for name, (_, description) in sorted(_BUILTINS.items())}
+
+
+def _import_builtins() -> None:
+    try:
+        import qkdissect.builtin  # noqa: F401  (registers its models on import)
+    except ModuleNotFoundError as error:
+        if error.name != "qkdissect.builtin":
+            raise
+
+
+def wrap_model(model: nn.Module | LoadedModel, spec: str | None = None) -> LoadedModel:
+    """Accept what ``load_model`` returns or a plain ``nn.Module`` of a supported family."""
+    if isinstance(model, LoadedModel):
+        return model
+    adapter = get_adapter(model)
+    model.eval()
+    return LoadedModel(model=model, adapter=adapter, spec=spec or f"module:{type(model).__name__}")
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise QKDissectError(f"checkpoint file not found: {path}. Check the path.")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 — any reader failure means a corrupt / foreign file
+        raise QKDissectError(
+            f"could not read checkpoint {path} ({type(error).__name__}: {str(error)[:200]}). "
+            "It is corrupt or not a safetensors / torch state-dict file; re-download or re-save it."
+        ) from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise QKDissectError(f"checkpoint {path} does not hold a state dict of tensors.")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_state_dict(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a checkpoint into ``model`` strictly; mismatches become one readable QKDissectError."""
+    path = Path(path)
+    state = _read_state_dict(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatches (e.g. {'; '.join(mismatched[:3])})")
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+        raise QKDissectError(
+            f"checkpoint {path} does not fit this architecture: {'; '.join(parts)}. "
+            "Pick the model spec that matches the checkpoint (e.g. timm:vit_small_patch16_224 "
+            "for a ViT-S/16 checkpoint)."
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def _timm_model(name: str, checkpoint: str | None, random_init: bool, **kwargs: Any) -> nn.Module:
+    import timm
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        raise QKDissectError(
+            f"timm has no model named {name!r}." + (f" Similar names: {', '.join(close)}." if close else "")
+            + " List them with `python -c \"import timm; print(timm.list_models('vit_*'))\"`."
+        )
+    pretrained = checkpoint is None and not random_init
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except Exception as error:  # noqa: BLE001
+        if not pretrained:
+            raise QKDissectError(f"timm could not build {name!r}: {error}") from None
+        raise QKDissectError(
+            f"could not fetch pretrained weights for timm:{name} ({type(error).__name__}: "
+            f"{str(error)[:160]}). Offline? Pass --checkpoint FILE with the weights, or "
+            "--random-init for random weights."
+        ) from None
+    if checkpoint is not None:
+        load_state_dict(model, checkpoint)
+    return model
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise QKDissectError(f"could not read {path}: {error}. The file is corrupt; re-save the model.") from None
+
+
+def _hf_model(path_or_id: str, checkpoint: str | None, random_init: bool) -> tuple[nn.Module, dict, Any]:
+    try:
+        from transformers import AutoConfig, AutoModel
+    except ImportError:  # pragma: no cover — transformers is a dependency
+        raise QKDissectError("Hugging Face models need `pip install transformers`.") from None
+    path = Path(path_or_id)
+    try:
+        config = AutoConfig.from_pretrained(path_or_id)
+        model_type = getattr(config, "model_type", "")
+        cls = AutoModel
+        if model_type == "clip":
+            from transformers import CLIPVisionModel
+
+            cls = CLIPVisionModel
+            config = config.vision_config
+        if random_init or checkpoint is not None:
+            model = cls.from_config(config)
+        elif model_type == "clip":
+            model = cls.from_pretrained(path_or_id)
+        else:
+            model = cls.from_pretrained(path_or_id, config=config)
+    except QKDissectError:
+        raise
+    except Exception as error:  # noqa: BLE001
+        where = "folder" if path.exists() else "hub id"
+        raise QKDissectError(
+            f"transformers could not load the {where} {path_or_id!r} ({type(error).__name__}: "
+            f"{str(error)[:200]}). Give a save_pretrained() folder with config.json and weights; "
+            "hub ids need internet."
+        ) from None
+    if checkpoint is not None:
+        load_state_dict(model, checkpoint)
+    processor = {}
+    if path.is_dir() and (path / "preprocessor_config.json").is_file():
+        processor = _read_json(path / "preprocessor_config.json")
+    tokenizer = None
+    if path.is_dir() and any((path / f).is_file() for f in ("tokenizer.json", "vocab.txt")):
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(path_or_id)
+        except Exception:  # noqa: BLE001 — a model without a usable tokenizer still dissects
+            tokenizer = None
+    return model, processor, tokenizer
+
+
+def load_model(
+    spec: str, checkpoint: str | os.PathLike | None = None, *, random_init: bool = False, **timm_kwargs: Any
+) -> LoadedModel:
+    """Load a model by spec (see module docstring) and find its adapter.
+
+    ``checkpoint``: a safetensors / torch state dict for the architecture named by ``spec``.
+    ``random_init``: skip pretrained weights (random initialisation), e.g. for a null model.
+    Raises QKDissectError for an unknown spec, a missing file, a corrupt or mismatched
+    checkpoint, or an unsupported family.
+    """
+    checkpoint = None if checkpoint is None else str(checkpoint)
+    spec = str(spec)
+    processor: dict = {}
+    tokenizer = None
+    if spec.startswith("builtin:"):
+        _import_builtins()
+        name = spec.split(":", 1)[1]
+        if name not in _BUILTINS:
+            known = ", ".join(f"builtin:{n}" for n in sorted(_BUILTINS)) or "none installed"
+            raise QKDissectError(f"unknown built-in model {spec!r}. Available: {known}.")
+        loaded = _BUILTINS[name][0]()
+        if checkpoint is not None:
+            load_state_dict(loaded.model, checkpoint)
+            loaded = LoadedModel(loaded.model, loaded.adapter, spec, checkpoint, loaded.info)
+        return loaded
+    if spec.startswith("timm:"):
+        model = _timm_model(spec[5:], checkpoint, random_init, **timm_kwargs)
+    elif spec.startswith("hf:"):
+        model, processor, tokenizer = _hf_model(spec[3:], checkpoint, random_init)
+    elif Path(spec).exists():
+        path = Path(spec)
+        if path.is_file():
+            raise QKDissectError(
+                f"{spec} is a file; a checkpoint needs an architecture: use "
+                f"`timm:ARCH --checkpoint {spec}` (or give a save_pretrained() folder)."
+            )
+        if not (path / "config.json").is_file():
+            raise QKDissectError(f"folder {spec} has no config.json; it is not a saved model folder.")
+        config = _read_json(path / "config.json")
+        if "architecture" in config:  # timm's hub / save format
+            weights = next((path / f for f in ("model.safetensors", "pytorch_model.bin") if (path / f).is_file()), None)
+            if checkpoint is None and weights is None and not random_init:
+                raise QKDissectError(f"timm folder {spec} has no model.safetensors or pytorch_model.bin.")
+            kwargs = {"num_classes": config.get("num_classes", 0), **timm_kwargs}
+            kwargs.update(config.get("model_args", {}))
+            model = _timm_model(config["architecture"], checkpoint or (None if random_init else str(weights)),
+                                random_init=True, **kwargs)
+        elif "model_type" in config:
+            model, processor, tokenizer = _hf_model(spec, checkpoint, random_init)
+        else:
+            raise QKDissectError(f"{path / 'config.json'} has neither 'architecture' (timm) nor 'model_type' (HF).")
+    elif ":" in spec:
+        raise QKDissectError(
+            f"unknown model spec {spec!r}: the prefix {spec.split(':')[0]!r} is not one of timm:, hf:, builtin:."
+        )
+    else:
+        import timm
+
+        if not timm.is_model(spec):
+            raise QKDissectError(
+                f"unknown model {spec!r}: not a folder and not a timm model name. Use timm:NAME, "
+                "hf:ID_OR_FOLDER, builtin:NAME, or a save_pretrained() folder."
+            )
+        model = _timm_model(spec, checkpoint, random_init, **timm_kwargs)
+    model.eval()
+    adapter = get_adapter(model)
+    if processor and hasattr(adapter, "processor_config"):
+        adapter.processor_config = processor
+    if tokenizer is not None and hasattr(adapter, "tokenizer"):
+        adapter.tokenizer = tokenizer
+    return LoadedModel(model=model, adapter=adapter, spec=spec, checkpoint=checkpoint,
+                       info={"random_init": bool(random_init)})

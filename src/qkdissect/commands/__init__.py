@@ -1,0 +1,1 @@
+"""Command-line commands, one module per job; each module has ``register(app)``."""

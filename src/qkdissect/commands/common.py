@@ -1,0 +1,69 @@
+"""Shared pieces of the command-line interface: console, error guard, option parsing."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from qkdissect.errors import QKDissectError
+from qkdissect.files import write_json
+
+__all__ = ["console", "err_console", "guarded", "parse_int_list", "parse_range", "progress_bar", "write_json"]
+
+console = Console()
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def guarded(func: F) -> F:
+    """Run a command; a QKDissectError is printed (no traceback) and exits with status 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except QKDissectError as error:
+            err_console.print(f"[bold red]error:[/] {error}", highlight=False, markup=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def parse_int_list(text: str, name: str = "value") -> list[int]:
+    """'1,2,5' -> [1, 2, 5]; also accepts ranges '0-3' -> [0, 1, 2, 3]."""
+    values: list[int] = []
+    for part in (p.strip() for p in str(text).split(",")):
+        if not part:
+            continue
+        values.extend(parse_range(part, name))
+    if not values:
+        raise QKDissectError(f"{name} is empty; give numbers like 0,2,5 or a range 0-5.")
+    return values
+
+
+def parse_range(text: str, name: str = "value") -> list[int]:
+    """'3' -> [3]; '0-5' -> [0, 1, 2, 3, 4, 5]."""
+    try:
+        if "-" in text.strip().lstrip("-"):
+            start, stop = text.split("-", 1)
+            first, last = int(start), int(stop)
+            if last < first:
+                raise ValueError
+            return list(range(first, last + 1))
+        return [int(text)]
+    except ValueError:
+        raise QKDissectError(f"could not read {name} {text!r}; expected an integer or a range like 0-5.") from None
+
+
+def progress_bar(*, transient: bool = False, unit: str = "") -> Progress:
+    """A rich progress bar with count, elapsed and remaining time."""
+    columns = [TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    if unit:
+        columns.append(TextColumn(f"{{task.fields[rate]}} {unit}"))
+    return Progress(*columns, console=err_console, transient=transient)
+

@@ -1,0 +1,99 @@
+"""Matplotlib figures of query-key mode statistics (Agg backend; PNG files)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["new_figure", "plot_compare", "plot_layer_similarity", "plot_mode_cosines", "save_figure"]
+
+NULL_COLOR = "#bbbbbb"
+
+
+def new_figure(width: float = 7.0, height: float = 4.0):
+    """A (figure, axes) pair on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(width, height), dpi=110)
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Save ``fig`` as PNG (tight layout) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _title(atlas) -> str:
+    return f"{atlas.meta.get('model', '?')}  ({atlas.n_layers} layers × {atlas.n_heads} heads)"
+
+
+def plot_layer_similarity(atlas, path: str | os.PathLike) -> Path:
+    """Weighted cosine C_h per layer: each head a dot, mean ± std, the Gaussian null band shaded."""
+    fig, ax = new_figure()
+    weighted = atlas.weighted_cosines.double().numpy()
+    layers = np.arange(atlas.n_layers)
+    lo, hi = atlas.null.weighted_band
+    ax.axhspan(lo, hi, color=NULL_COLOR, alpha=0.5, lw=0, label=f"null ({atlas.null.percentile:g}% band)")
+    ax.axhline(0, color="k", lw=0.6)
+    rng = np.random.default_rng(0)
+    jitter = rng.uniform(-0.15, 0.15, size=weighted.shape)
+    ax.scatter(layers[:, None] + jitter, weighted, s=12, alpha=0.6, color="tab:blue", label="heads")
+    mean, std = weighted.mean(axis=1), weighted.std(axis=1)
+    ax.fill_between(layers, mean - std, mean + std, color="tab:orange", alpha=0.25, lw=0)
+    ax.plot(layers, mean, "-o", color="tab:orange", ms=4, label="mean ± std")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("weighted cosine  Σσcos / Σσ")
+    ax.set_xticks(layers)
+    ax.set_title(_title(atlas), fontsize=9)
+    ax.legend(fontsize=8, loc="best")
+    return save_figure(fig, path)
+
+
+def plot_mode_cosines(atlas, path: str | os.PathLike) -> Path:
+    """Distribution of per-mode cosines u_k·v_k by layer (violins), null band shaded."""
+    fig, ax = new_figure()
+    cosines = atlas.cosines.double().numpy().reshape(atlas.n_layers, -1)
+    lo, hi = atlas.null.cosine_band
+    ax.axhspan(lo, hi, color=NULL_COLOR, alpha=0.5, lw=0, label=f"null ({atlas.null.percentile:g}% band)")
+    ax.axhline(0, color="k", lw=0.6)
+    parts = ax.violinplot(list(cosines), positions=np.arange(atlas.n_layers), showmedians=True, widths=0.8)
+    for body in parts["bodies"]:
+        body.set_alpha(0.6)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("per-mode cosine  u_k · v_k")
+    ax.set_xticks(np.arange(atlas.n_layers))
+    ax.set_title(_title(atlas), fontsize=9)
+    ax.legend(fontsize=8, loc="best")
+    return save_figure(fig, path)
+
+
+def plot_compare(atlases: Sequence, labels: Sequence[str], path: str | os.PathLike) -> Path:
+    """Mean weighted cosine (± std over heads) against relative depth for several models,
+    each with its own null band (dotted)."""
+    fig, ax = new_figure()
+    ax.axhline(0, color="k", lw=0.6)
+    for atlas, label in zip(atlases, labels):
+        weighted = atlas.weighted_cosines.double().numpy()
+        depth = np.arange(atlas.n_layers) / max(atlas.n_layers - 1, 1)
+        mean, std = weighted.mean(axis=1), weighted.std(axis=1)
+        (line,) = ax.plot(depth, mean, "-o", ms=4, label=label)
+        ax.fill_between(depth, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
+        for bound in atlas.null.weighted_band:
+            ax.axhline(bound, color=line.get_color(), ls=":", lw=0.8)
+    ax.set_xlabel("relative depth (layer / (n_layers − 1))")
+    ax.set_ylabel("mean weighted cosine")
+    ax.set_title("query-key similarity by depth (dotted: null bands)", fontsize=9)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
