@@ -18,7 +18,7 @@ IMAGE_HW = (40, 56)
 PATCH = 8
 
 
-def _scramble(model: torch.nn.Module, seed: int, std: float = 0.3) -> torch.nn.Module:
+def _scramble(model: torch.nn.Module, seed: int, std: float = 0.5) -> torch.nn.Module:
     """Random weights large enough that attention is far from uniform."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

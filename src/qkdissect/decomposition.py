@@ -356,8 +356,8 @@ def dissect(
         dtype = _DTYPES[dtype]
     started = time.perf_counter()
     raw = [layer.expanded() for layer in loaded.adapter.attention_layers()]
-    folded = [fold_layer_norm(layer) if fold_ln else layer for layer in raw]
-    folded = [_to(layer, dtype, device) for layer in folded]
+    cast = [_to(layer, dtype, device) for layer in raw]  # fold in the working precision
+    folded = [fold_layer_norm(layer) if fold_ln else layer for layer in cast]
     modes: list[LayerModes | None] = [None] * len(folded)
     for indices, W_q, W_k in _stacked(folded):
         U, S, V = factored_svd(W_q, W_k)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -81,10 +82,12 @@ class NullReference:
     weighted_band: tuple[float, float]
     weighted_mean: float
     weighted_std: float
+    method: str = "dense"
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["method"] = "Gaussian W_q, W_k with the model's shapes; central percentile band"
+        data["description"] = ("heads with i.i.d. Gaussian W_q, W_k of the model's shapes; central percentile "
+                               "band; 'factored' samples their QR factors exactly instead of the matrices")
         return data
 
     @classmethod
@@ -95,31 +98,77 @@ class NullReference:
             cosine_band=tuple(float(v) for v in data["cosine_band"]),
             weighted_band=tuple(float(v) for v in data["weighted_band"]),
             weighted_mean=float(data["weighted_mean"]), weighted_std=float(data["weighted_std"]),
+            method=str(data.get("method", "dense")),
         )
+
+
+def _null_dense(d_model: int, d_head: int, n: int, rng) -> tuple[Tensor, Tensor]:
+    """Literal sampler: W_q, W_k (n, d_head, d_model) i.i.d. N(0, 1) -> factored SVD. (S, cos), (n, r)."""
+    from qkdissect.decomposition import factored_svd
+
+    W_q = torch.from_numpy(rng.standard_normal((n, d_head, d_model)))
+    W_k = torch.from_numpy(rng.standard_normal((n, d_head, d_model)))
+    U, S, V = factored_svd(W_q, W_k)
+    return S, mode_cosines(U, V)
+
+
+def _bartlett(rng, n: int, size: int, df: int, upper: bool) -> np.ndarray:
+    """n triangular size×size matrices T with T_ii = √χ²(df − i) and N(0, 1) entries off the diagonal
+    (upper: the R of a QR of a Gaussian df×size matrix; lower: the Cholesky factor of a Wishart(df))."""
+    T = rng.standard_normal((n, size, size))
+    T = np.triu(T, 1) if upper else np.tril(T, -1)
+    diagonal = np.sqrt(rng.chisquare(df - np.arange(size), size=(n, size)))
+    T[:, np.arange(size), np.arange(size)] = diagonal
+    return T
+
+
+def _null_factored(d_model: int, d_head: int, n: int, rng) -> tuple[Tensor, Tensor]:
+    """Exact sampler of the same distribution in O(d_head³) per head, independent of d_model.
+
+    For W_qᵀ = Q_q R_q, W_kᵀ = Q_k R_k with Gaussian W: Q and R are independent, R is Bartlett
+    distributed and Q is a Haar frame. By rotation invariance Q_q = [I; 0], so cos_k = a_kᵀ C b_k
+    with R_q R_kᵀ = A diag(S) Bᵀ and C the top d_head rows of a Haar frame, C = G_top (GᵀG)^{-1/2}
+    with G = [G_top; G_bot] Gaussian and G_botᵀG_bot ~ Wishart(d_model − d_head) (Bartlett again).
+    Needs d_model ≥ 2·d_head.
+    """
+    R_q = torch.from_numpy(_bartlett(rng, n, d_head, d_model, upper=True))
+    R_k = torch.from_numpy(_bartlett(rng, n, d_head, d_model, upper=True))
+    G_top = torch.from_numpy(rng.standard_normal((n, d_head, d_head)))
+    L = torch.from_numpy(_bartlett(rng, n, d_head, d_model - d_head, upper=False))
+    gram = G_top.transpose(-1, -2) @ G_top + L @ L.transpose(-1, -2)
+    eigenvalues, E = torch.linalg.eigh(gram)
+    C = G_top @ (E * eigenvalues.rsqrt().unsqueeze(-2)) @ E.transpose(-1, -2)
+    A, S, B_t = torch.linalg.svd(R_q @ R_k.transpose(-1, -2))
+    cos = ((A.transpose(-1, -2) @ C) * B_t).sum(-1)  # (Aᵀ C B)_kk
+    return S, cos
 
 
 def gaussian_null(
     d_model: int, d_head: int, *, n_samples: int = 1000, percentile: float = 99.0, seed: int = 0,
-    chunk: int = 256,
+    method: str = "auto", chunk: int = 256,
 ) -> NullReference:
-    """Sample ``n_samples`` Gaussian heads and return the central ``percentile``% bands.
+    """Sample ``n_samples`` heads with i.i.d. Gaussian W_q, W_k (d_head × d_model) and return the
+    central ``percentile``% bands of per-mode and weighted cosines.
 
-    Deterministic for a given seed (CPU generator, float64).
+    method: "dense" draws the matrices and decomposes them; "factored" draws the exactly
+    equally distributed QR factors directly (fast, needs d_model ≥ 2·d_head); "auto" picks
+    "factored" when it applies. Deterministic for a given seed (float64).
     """
-    from qkdissect.decomposition import factored_svd
+    from qkdissect.errors import QKDissectError
 
     if not 0 < percentile < 100:
-        from qkdissect.errors import QKDissectError
-
         raise QKDissectError(f"null percentile must be in (0, 100), got {percentile}.")
-    generator = torch.Generator().manual_seed(seed)
+    if n_samples < 10:
+        raise QKDissectError(f"the null needs at least 10 samples, got {n_samples}.")
+    if method == "auto":
+        method = "factored" if d_model >= 2 * d_head else "dense"
+    if method not in ("dense", "factored") or (method == "factored" and d_model < 2 * d_head):
+        raise QKDissectError(f"null method must be 'dense', 'auto' or 'factored' (d_model ≥ 2·d_head), got {method!r}.")
+    sampler = _null_factored if method == "factored" else _null_dense
+    rng = np.random.default_rng(seed)
     cos_parts, weighted_parts = [], []
     for start in range(0, n_samples, chunk):
-        size = min(chunk, n_samples - start)
-        W_q = torch.randn(size, d_head, d_model, generator=generator, dtype=torch.float64)
-        W_k = torch.randn(size, d_head, d_model, generator=generator, dtype=torch.float64)
-        U, S, V = factored_svd(W_q, W_k)
-        cos = mode_cosines(U, V)
+        S, cos = sampler(d_model, d_head, min(chunk, n_samples - start), rng)
         cos_parts.append(cos.flatten())
         weighted_parts.append(weighted_cosine(S, cos))
     cosines, weighted = torch.cat(cos_parts), torch.cat(weighted_parts)
@@ -130,5 +179,5 @@ def gaussian_null(
     return NullReference(
         d_model=d_model, d_head=d_head, n_samples=n_samples, seed=seed, percentile=percentile,
         cosine_band=(cos_lo, cos_hi), weighted_band=(w_lo, w_hi),
-        weighted_mean=float(weighted.mean()), weighted_std=float(weighted.std()),
+        weighted_mean=float(weighted.mean()), weighted_std=float(weighted.std()), method=method,
     )

@@ -131,7 +131,9 @@ def _timm_model(name: str, checkpoint: str | None, random_init: bool, **kwargs: 
     import timm
 
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=6, cutoff=0.6)
         raise QKDissectError(
             f"timm has no model named {name!r}." + (f" Similar names: {', '.join(close)}." if close else "")
             + " List them with `python -c \"import timm; print(timm.list_models('vit_*'))\"`."

@@ -7,6 +7,7 @@ from typing import Any, Callable, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from qkdissect.errors import QKDissectError
@@ -27,7 +28,7 @@ def guarded(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except QKDissectError as error:
-            err_console.print(f"[bold red]error:[/] {error}", highlight=False, markup=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(code=2) from None
 
     return wrapper  # type: ignore[return-value]
