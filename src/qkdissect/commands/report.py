@@ -1,0 +1,57 @@
+"""``qkdissect report``: a self-contained static HTML report of a dissected model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from qkdissect.commands.common import console, err_console, guarded, progress_bar
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    @guarded
+    def report(
+        atlas: Path = typer.Argument(..., help="Atlas folder written by `qkdissect dissect`."),
+        out: Path = typer.Option(Path("report"), "--out", "-o",
+                                 help="Report folder (created; a previous report there is replaced, any other "
+                                      "non-empty folder is refused)."),
+        compare: Optional[List[Path]] = typer.Option(
+            None, "--compare", help="Another atlas folder, or a `qkdissect compare` folder, for the comparison page. "
+                                    "Repeat for several: --compare a/ --compare b/."),
+    ) -> None:
+        """Write a static HTML report that opens from disk with no server and no network access.
+
+        index.html: model card, layer-similarity figure, a layer × head heat map of the weighted cosine
+        (click a cell for the head). One page per head with its spectrum, per-mode cosines against the
+        null and a table of modes. Keys on head pages: ←/→ head, ↑/↓ layer, Esc or h: overview.
+        """
+        from qkdissect.decomposition import ModeAtlas
+        from qkdissect.report import build_report
+
+        with err_console.status(f"reading {atlas}"):
+            loaded = ModeAtlas.load(atlas)
+        total = loaded.n_layers * loaded.n_heads
+        with progress_bar(transient=True, unit="pages/s") as bar:
+            task = bar.add_task("head pages", total=total, rate="")
+            started = bar.tasks[0].elapsed or 0.0
+
+            def advance(done: int, _total: int) -> None:
+                elapsed = bar.tasks[0].elapsed or 0.0
+                bar.update(task, completed=done, rate=f"{done / max(elapsed - started, 1e-9):.0f}")
+
+            result = build_report(loaded, out, atlas_dir=str(atlas), compare=compare or (), progress=advance)
+        table = Table(title=escape(f"report of {loaded.meta.get('model', atlas)}"), show_header=False)
+        table.add_column(style="bold")
+        table.add_column()
+        table.add_row("pages", f"{result.n_pages} ({result.n_head_pages} head pages)")
+        table.add_row("sections", ", ".join(result.sections))
+        table.add_row("images", str(result.n_images))
+        table.add_row("size", f"{result.n_bytes / 1e6:.2f} MB")
+        table.add_row("time", f"{result.seconds:.2f} s")
+        console.print(table)
+        console.print(escape(f"open {result.index} in a browser (works offline, from disk)"))
