@@ -69,7 +69,7 @@ def tiny_data(tmp_path_factory):
 
 def test_similar_tokens_head_prefers_the_same_object(colour_data):
     loaded = make_similarity_vit()
-    atlas = dissect(loaded, null_samples=8)
+    atlas = dissect(loaded, null_samples=10)
     M = atlas.head(0, 0).M
     torch.testing.assert_close(M, 20.0 * torch.eye(8), atol=1e-4, rtol=1e-5)  # the model is what we claim
     result = run_preference(loaded, colour_data, atlas=atlas, n_boot=200)
@@ -108,7 +108,7 @@ def test_recomputed_rows_equal_the_models_own_attention(family, factory):
     pixels = image_batch(3, seed=1, hw=hw)
     own = adapter.attention_probabilities(pixels)
     captured = capture_attention_inputs(loaded, pixels, stop_early=False)
-    atlas, folded = dissect(loaded, null_samples=8), dissect(loaded, null_samples=8, fold_ln=True)
+    atlas, folded = dissect(loaded, null_samples=10), dissect(loaded, null_samples=10, fold_ln=True)
     n_tokens = own[0].shape[-1]
     tokens = torch.tensor([[0, n_tokens - 1], [5, 3], [n_tokens // 2, 1]])
     for index, layer in enumerate(adapter.attention_layers()):
@@ -128,7 +128,7 @@ def test_recomputed_rows_equal_the_models_own_attention(family, factory):
 def test_top_modes_rows_use_only_the_leading_modes(timm_vit):
     pixels = image_batch(2, seed=2)
     x = capture_attention_inputs(timm_vit, pixels, layers=[1])[1]
-    atlas = dissect(timm_vit, null_samples=8)
+    atlas = dissect(timm_vit, null_samples=10)
     tokens = torch.tensor([[4, 9], [7, 2]])
     top0, top2 = attention_rows_from_modes(atlas, 1, x, tokens, (0, 2))
     modes = atlas.layers[1]
@@ -290,7 +290,7 @@ def test_per_image_shares_match_the_models_own_attention(timm_vit, tiny_data):
 def test_folded_atlas_and_layer_subset_give_the_same_attention(timm_vit, tiny_data):
     common = dict(top_modes=(1,), n_boot=50, limit=6)
     plain = run_preference(timm_vit, tiny_data, **common)
-    folded = run_preference(timm_vit, tiny_data, atlas=dissect(timm_vit, fold_ln=True, null_samples=8),
+    folded = run_preference(timm_vit, tiny_data, atlas=dissect(timm_vit, fold_ln=True, null_samples=10),
                             layers=[2], **common)
     assert folded.layers == (2,)
     # measured and all-mode predictions agree; top-m differ (folding changes which modes lead)
@@ -330,7 +330,7 @@ def test_bad_requests(timm_vit, tiny_data, tmp_path):
         run_preference(timm_vit, tiny_data, layers=[7])
     with pytest.raises(QKDissectError, match="threshold"):
         run_preference(timm_vit, tiny_data, threshold=0)
-    other = dissect(wrap_model(make_timm_vit(depth=2)), null_samples=8)
+    other = dissect(wrap_model(make_timm_vit(depth=2)), null_samples=10)
     with pytest.raises(QKDissectError, match="does not belong"):
         run_preference(timm_vit, tiny_data, atlas=other)
     with pytest.raises(QKDissectError, match="not a preference folder"):
