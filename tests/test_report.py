@@ -302,3 +302,60 @@ def test_cli_help_documents_keys_and_offline_use():
     result = runner.invoke(app, ["report", "--help"])
     assert result.exit_code == 0
     assert "--compare" in result.output and "Esc" in result.output and "network" in result.output
+
+
+@pytest.fixture(scope="module")
+def preference_dir(vit, tmp_path_factory):
+    """Odd-one-out images at the tiny models' size, measured on the same model as ``atlas_dir``."""
+    from conftest import IMAGE_HW
+
+    from qkdissect.oddoneout import generate_oddoneout
+    from qkdissect.preference import run_preference, save_preference
+
+    data, out = tmp_path_factory.mktemp("odd"), tmp_path_factory.mktemp("pref")
+    generate_oddoneout(data, 10, IMAGE_HW, seed=2, objects=3, radius=6.0)
+    result = run_preference(wrap_model(vit, spec="test:pref<i>"), data, top_modes=(1,), n_boot=50, batch_size=5)
+    save_preference(result, out, figures=False)
+    return out
+
+
+def test_preference_page_and_head_tables(atlas_dir, preference_dir, tmp_path):
+    from qkdissect.preference import CATEGORIES, QUERIES, VARIANTS, load_preference
+
+    result = load_preference(preference_dir)
+    report = build_report(atlas_dir, tmp_path / "report", preference=preference_dir)
+    assert "preference" in report.sections and load_report(report.out)["inputs"]["preference"] == str(preference_dir)
+    page = report.out / "preference.html"
+    text = page.read_text()
+    assert "test:pref&lt;i&gt;" in text and "<i>" not in text
+    tags = parse(page).tags
+    assert [a["src"] for t, a in tags if t == "img"] == ["img/preference.png", "img/preference_modes.png"]
+    assert all((report.out / "img" / n).is_file() for n in ("preference.png", "preference_modes.png"))
+    # per-head grid: the mean over images of the per-image area-normalised same-object share of target queries
+    per_image = result.shares[:, :, :, QUERIES.index("target"), result.sources.index("measured"),
+                              VARIANTS.index("area"), CATEGORIES.index("same")].astype("float64")
+    cells = [a for t, a in tags if t == "a" and a.get("class") == "pcell"]
+    assert len(cells) == N_LAYERS * N_HEADS
+    for attrs in cells:
+        layer, head = map(int, re.search(r"layer=?(\d+)_head(\d+)", attrs["href"]).groups())
+        shown = float(re.search(r": ([0-9.]+)$", attrs["title"]).group(1))
+        assert shown == pytest.approx(float(torch.tensor(per_image[:, layer, head]).nanmean()), abs=0.006)
+    # head page: raw shares of this head; same + other + background = 1 for each query
+    head_text = (report.out / "heads" / head_page_name(1, 2, N_LAYERS, N_HEADS)).read_text()
+    table = head_text.split('id="head-preference"')[1].split("</table>")[0]
+    rows = re.findall(r"<tr><td class=\"text\">(\w+) \(\d+ images\)</td>(.*?)</tr>", table, re.S)
+    assert [q for q, _ in rows] == list(QUERIES)
+    for _, row in rows:
+        shares = [float(v) for v in re.findall(r'<td class="text">([0-9.]+) <span', row)]
+        assert len(shares) == 3 and sum(shares) == pytest.approx(1.0, abs=2e-3)
+    assert 'href="preference.html"' in report.index.read_text()
+
+
+def test_preference_of_another_shape_is_shown_with_a_note(second_atlas, preference_dir, tmp_path):
+    report = build_report(second_atlas, tmp_path / "report", preference=preference_dir)
+    text = (report.out / "preference.html").read_text()
+    assert 'id="preference-mismatch"' in text and "3 layers × 4 heads" in text and 'class="pcell"' not in text
+    assert 'id="head-preference"' not in (report.out / "heads" / head_page_name(0, 0, 5, N_HEADS)).read_text()
+    with pytest.raises(QKDissectError, match="not a preference folder"):
+        build_report(second_atlas, tmp_path / "r2", preference=tmp_path)
+    assert not (tmp_path / "r2").exists()

@@ -88,8 +88,8 @@ def screenshot(page, tmp_path: Path, name: str) -> Path:
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    """A tiny random HF ViT saved to a folder, dissected and reported through the CLI, with a second
-    model on the comparison page."""
+    """A tiny random HF ViT saved to a folder, dissected, measured on odd-one-out images and reported
+    through the CLI, with a second model on the comparison page."""
     root = tmp_path_factory.mktemp("browser")
     runner = CliRunner()
     for name, seed in (("model", 4), ("other", 5)):
@@ -97,8 +97,14 @@ def report(tmp_path_factory):
         result = runner.invoke(app, ["dissect", str(root / name), "--out", str(root / f"atlas_{name}"),
                                      "--null-samples", "40"])
         assert result.exit_code == 0, result.output
+    for args in (["oddoneout", "--n", "8", "--size", "40", "--objects", "3", "--radius", "5", "--out",
+                  str(root / "odd")],
+                 ["preference", str(root / "model"), "--data", str(root / "odd"), "--atlas", str(root / "atlas_model"),
+                  "--bootstrap", "30", "--top-modes", "1", "--out", str(root / "pref")]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["report", str(root / "atlas_model"), "--out", str(root / "report"),
-                                 "--compare", str(root / "atlas_other")])
+                                 "--compare", str(root / "atlas_other"), "--preference", str(root / "pref")])
     assert result.exit_code == 0, result.output
     return root / "report"
 
@@ -118,6 +124,13 @@ def test_overview_is_offline_clean_and_has_every_cell(browser, report, tmp_path)
     page.click("header nav >> text=Comparison")
     page.wait_for_url("**/compare.html")
     assert all_images_loaded(page) and page.locator("#compare-models tbody tr").count() == 2
+    page.click("header nav >> text=Preference")
+    page.wait_for_url("**/preference.html")
+    assert all_images_loaded(page) and page.locator("#preference-heads a.pcell").count() == N_LAYERS * N_HEADS
+    screenshot(page, tmp_path, "preference_1280.png")
+    page.click('#preference-heads a.pcell >> nth=5')
+    page.wait_for_url("**" + head_url_suffix(*divmod(5, N_HEADS)))
+    assert page.locator("#head-preference tbody tr").count() == 2
     recorder.assert_clean()
     recorder.close()
 
@@ -180,7 +193,8 @@ def test_narrow_window_has_no_horizontal_overflow(browser, report, tmp_path):
     recorder = Recorder(browser, width=390, height=844)
     for path, name in ((report / "index.html", "overview_narrow.png"),
                        (report / "heads" / head_page_name(2, 1, N_LAYERS, N_HEADS), "head_narrow.png"),
-                       (report / "compare.html", "compare_narrow.png")):
+                       (report / "compare.html", "compare_narrow.png"),
+                       (report / "preference.html", "preference_narrow.png")):
         page = recorder.open(path)
         assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), name
         screenshot(page, tmp_path, name)

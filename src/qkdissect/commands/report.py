@@ -23,6 +23,9 @@ def register(app: typer.Typer) -> None:
         compare: Optional[List[Path]] = typer.Option(
             None, "--compare", help="Another atlas folder, or a `qkdissect compare` folder, for the comparison page. "
                                     "Repeat for several: --compare a/ --compare b/."),
+        preference: Optional[Path] = typer.Option(None, "--preference",
+                                                  help="Folder from `qkdissect preference` (odd-one-out attention "
+                                                       "preference): adds the preference page and per-head tables."),
     ) -> None:
         """Write a static HTML report that opens from disk with no server and no network access.
 
@@ -44,7 +47,8 @@ def register(app: typer.Typer) -> None:
                 elapsed = bar.tasks[0].elapsed or 0.0
                 bar.update(task, completed=done, rate=f"{done / max(elapsed - started, 1e-9):.0f}")
 
-            result = build_report(loaded, out, atlas_dir=str(atlas), compare=compare or (), progress=advance)
+            result = build_report(loaded, out, atlas_dir=str(atlas), compare=compare or (),
+                                  preference=preference, progress=advance)
         table = Table(title=escape(f"report of {loaded.meta.get('model', atlas)}"), show_header=False)
         table.add_column(style="bold")
         table.add_column()

@@ -240,7 +240,7 @@ def _head_context(tables: _AtlasTables, layer: int, head: int) -> dict[str, Any]
         "n_above": sum(m["where"] == "above" for m in modes), "n_below": sum(m["where"] == "below" for m in modes),
         "degenerate": [f"{k + 1}–{k + 2}" for k in sorted(flagged)], "modes": modes,
         "spectrum_svg": spectrum_svg(S, sorted(flagged)), "cosine_svg": cosine_svg(cos, S, tables.cos_band),
-        "mined": None, "mined_modes": (), "maps": None,
+        "mined": None, "mined_modes": (), "maps": None, "preference": None,
     }
 
 
@@ -282,6 +282,7 @@ def build_report(
     *,
     atlas_dir: str | None = None,
     compare: Sequence[str | os.PathLike] = (),
+    preference: str | os.PathLike | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> ReportResult:
     """Write the HTML report of ``atlas`` (a ModeAtlas or an atlas folder) into the folder ``out``.
@@ -289,6 +290,7 @@ def build_report(
     ``atlas_dir``: the folder a ModeAtlas object was read from (shown on the model card).
     ``compare``: atlas folders (``qkdissect dissect`` output) and/or comparison folders
     (``qkdissect compare`` output) to put beside this model on the comparison page.
+    ``preference``: a ``qkdissect preference`` folder (preference page, and per-head tables).
     ``progress(done, total)`` is called after each head page. All inputs are read and checked
     before anything is written.
     """
@@ -296,16 +298,18 @@ def build_report(
     out = Path(out)
     atlas, atlas_dir = _load_atlas(atlas, atlas_dir)
     sources = read_compare_sources(compare)
-    sections = {"compare": bool(sources), "preference": False}
+    inputs = _Inputs(sources=sources, preference=_load_preference(preference))
+    sections = {"compare": bool(sources), "preference": inputs.preference is not None}
     tmp = _prepare_out(out)
     try:
-        pages = _write_pages(tmp, atlas, atlas_dir, sources, sections, progress)
+        pages = _write_pages(tmp, atlas, atlas_dir, inputs, sections, progress)
         files = [p for p in tmp.rglob("*") if p.is_file()]
         manifest = {
             "format": "qkdissect-report", "format_version": FORMAT_VERSION, "model": atlas.meta.get("model"),
             "n_layers": atlas.n_layers, "n_heads": atlas.n_heads,
             "sections": ["overview", "heads", *[name for name, on in sections.items() if on]],
-            "inputs": {"atlas": atlas_dir, "compare": [str(p) for p in compare]},
+            "inputs": {"atlas": atlas_dir, "compare": [str(p) for p in compare],
+                       "preference": None if preference is None else str(preference)},
             "pages": sorted(str(p.relative_to(tmp)) for p in pages),
             "n_files": len(files) + 1, "bytes": sum(p.stat().st_size for p in files),
             "build_seconds": round(time.perf_counter() - started, 3),
@@ -323,7 +327,23 @@ def build_report(
                         sections=tuple(manifest["sections"]))
 
 
-def _write_pages(tmp: Path, atlas: ModeAtlas, atlas_dir: str | None, sources: list[CompareSource],
+@dataclass(frozen=True)
+class _Inputs:
+    """The optional results beside the atlas, read and checked before anything is written."""
+
+    sources: list[CompareSource]
+    preference: Any = None
+
+
+def _load_preference(folder: str | os.PathLike | None):
+    if folder is None:
+        return None
+    from qkdissect.preference import load_preference
+
+    return load_preference(folder)
+
+
+def _write_pages(tmp: Path, atlas: ModeAtlas, atlas_dir: str | None, inputs: _Inputs,
                  sections: dict[str, bool], progress: Callable[[int, int], None] | None) -> list[Path]:
     from qkdissect.plots import plot_layer_similarity, plot_mode_cosines
 
@@ -343,18 +363,31 @@ def _write_pages(tmp: Path, atlas: ModeAtlas, atlas_dir: str | None, sources: li
         width, height = _png_size(path)
         figures.append({"src": f"img/{path.name}", "alt": alt, "caption": caption, "width": width, "height": height})
     card, provenance = _model_card(atlas, atlas_dir)
-    extras = [("compare.html", "Comparison with other models")] if sections["compare"] else []
+    extras = [(f"{name}.html", text) for name, text in (("preference", "Attention preference between objects"),
+                                                         ("compare", "Comparison with other models"))
+              if sections[name]]
     pages = [tmp / "index.html"]
     pages[0].write_text(env.get_template("index.html.j2").render(
         **common, page="overview", root="", nav={}, card=card, provenance=provenance, legend=_legend(tables),
         heat=_heat_rows(tables), figures=figures, layers=atlas.layer_summary(), extras=extras), encoding="utf-8")
-    if sources:
+    if inputs.sources:
         from qkdissect.report.sources import compare_context
 
         pages.append(tmp / "compare.html")
         pages[-1].write_text(env.get_template("compare.html.j2").render(
             **common, page="compare", root="", nav={"home": "index.html"},
-            **compare_context(atlas, atlas_dir, sources, images, tables.color)), encoding="utf-8")
+            **compare_context(atlas, atlas_dir, inputs.sources, images, tables.color)), encoding="utf-8")
+    per_head: dict[str, Callable[[int, int], Any]] = {}
+    if inputs.preference is not None:
+        from qkdissect.report.preference_page import head_preference, preference_context, preference_mismatch
+
+        pages.append(tmp / "preference.html")
+        pages[-1].write_text(env.get_template("preference.html.j2").render(
+            **common, page="preference", root="", nav={"home": "index.html"},
+            **preference_context(inputs.preference, atlas, images, lambda l, h: tables.page(l, h, "heads/"))),
+            encoding="utf-8")
+        if preference_mismatch(inputs.preference, atlas) is None:
+            per_head["preference"] = lambda l, h: head_preference(inputs.preference, l, h)
     heads = tmp / "heads"
     heads.mkdir()
     template = env.get_template("head.html.j2")
@@ -362,7 +395,9 @@ def _write_pages(tmp: Path, atlas: ModeAtlas, atlas_dir: str | None, sources: li
     for index in range(total):
         layer, head = divmod(index, atlas.n_heads)
         path = heads / tables.page(layer, head)
-        path.write_text(template.render(**common, **_head_context(tables, layer, head)), encoding="utf-8")
+        context = _head_context(tables, layer, head)
+        context.update({name: make(layer, head) for name, make in per_head.items()})
+        path.write_text(template.render(**common, **context), encoding="utf-8")
         pages.append(path)
         if progress is not None:
             progress(index + 1, total)
