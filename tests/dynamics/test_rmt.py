@@ -107,6 +107,7 @@ def test_optimal_shrinkage_equals_gavish_donoho_closed_form() -> None:
             y > 1 + np.sqrt(a), np.sqrt(np.clip((y**2 - a - 1) ** 2 - 4 * a, 0, None)) / y, 0.0
         )
         np.testing.assert_allclose(optimal_shrinkage(y, a), gd, atol=1e-12)
+        assert np.all(optimal_shrinkage(np.array([0.5, 1.0]), a) == 0)  # all inside the bulk
 
 
 def test_optimal_shrinkage_predicts_the_oracle_singular_value() -> None:

@@ -112,7 +112,9 @@ def saxe(
     gain: float = typer.Option(1.0, help="Per-layer scale for orthogonal / gaussian init."),
     seeds: int = typer.Option(3, help="Independent networks (tasks and inits), simulated as a batch."),
     hidden: int = typer.Option(32, help="Hidden width (at least the number of modes)."),
-    steps: Optional[int] = typer.Option(None, help="Gradient steps; default 2 × the slowest analytic half-time."),
+    steps: Optional[int] = typer.Option(
+        None, help="Gradient steps; default 2 × the slowest analytic half-time."
+    ),
     seed: int = typer.Option(0, help="Random seed."),
     threads: int = typer.Option(1, help=THREADS_HELP),
     out: str = typer.Option("saxe", help=OUT_HELP),
@@ -187,8 +189,12 @@ def generalization(
     depth: int = typer.Option(2, help="Student depth N."),
     a0: float = typer.Option(1e-5, help="Initial student strength on every empirical mode."),
     lr: float = typer.Option(1e-2, help="Learning rate; τ = 1/lr epochs."),
-    init: str = typer.Option("decoupled", help="decoupled (aligned to Σ̂, the theory's assumption) | random."),
-    steps: Optional[int] = typer.Option(None, help="Gradient steps; default 2 × the half-time of a bulk-edge mode."),
+    init: str = typer.Option(
+        "decoupled", help="decoupled (aligned to Σ̂, the theory's assumption) | random."
+    ),
+    steps: Optional[int] = typer.Option(
+        None, help="Gradient steps; default 2 × the half-time of a bulk-edge mode."
+    ),
     sweep: bool = typer.Option(True, help="Also compare shrinkage with GD at t* on a sweep of settings."),
     sweep_seeds: int = typer.Option(5, help="Seeds per sweep setting."),
     seed: int = typer.Option(0, help="Random seed."),
@@ -219,7 +225,8 @@ def generalization(
     table.add_row("top singular value ŝ", _fmt(sp["s_hat_theory"][0]), _fmt(sp["s_hat_sim_mean"][0]))
     table.add_row("overlap O", _fmt(sp["overlap_theory"][0]), _fmt(sp["overlap_sim_mean"][0]))
     console.print(table)
-    console.print(f"test curve: max |sim − theory| / range = {_fmt(res['test_curve_max_deviation_over_range'])}")
+    dev = _fmt(res["test_curve_max_deviation_over_range"])
+    console.print(f"test curve: max |sim − theory| / range = {dev}")
     if "shrinkage_sweep" in res:
         t2 = Table(title="shrinkage vs gradient descent at t* (test error)")
         for col in ("N_i", "N_o", "s̄", "GD theory", "shrink theory", "GD sim", "shrink sim"):
@@ -262,9 +269,11 @@ def transfer(
     for col in ("s̄_S", "alignment", "alone (th)", "joint (th)", "benefit th", "benefit sim"):
         table.add_column(col, justify="right")
     for r in res["settings"]:
-        table.add_row(_fmt(r["snr_source"]), _fmt(r["alignment"]), _fmt(r["target_error_alone_theory"], ".3f"),
-                      _fmt(r["target_error_joint_theory"], ".3f"), _fmt(r["benefit_theory"], "+.3f"),
-                      _fmt(r["benefit_sim"], "+.3f"))
+        table.add_row(
+            _fmt(r["snr_source"]), _fmt(r["alignment"]), _fmt(r["target_error_alone_theory"], ".3f"),
+            _fmt(r["target_error_joint_theory"], ".3f"), _fmt(r["benefit_theory"], "+.3f"),
+            _fmt(r["benefit_sim"], "+.3f"),
+        )
     console.print(table)
 
 

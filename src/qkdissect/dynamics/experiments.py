@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import platform
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -41,6 +42,13 @@ __all__ = [
 ]
 
 ProgressFn = Callable[[str, int, int], None]
+
+
+def _nanmedian(x: np.ndarray, axis: int) -> np.ndarray:
+    """Median ignoring NaN; all-NaN slices (after an early stop) give NaN without a warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmedian(x, axis=axis)
 
 #: (N_i, N_o, teacher strengths) of the shrinkage-vs-GD sweep of ``run_generalization``.
 DEFAULT_SWEEP_SETTINGS: tuple[tuple[int, int, tuple[float, ...]], ...] = (
@@ -101,7 +109,9 @@ def _outdir(out: str | Path) -> Path:
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise QKDissectError(f"--out: cannot create directory {str(p)!r} ({exc}). Choose a writable path.") from exc
+        raise QKDissectError(
+            f"--out: cannot create directory {str(p)!r} ({exc}). Choose a writable path."
+        ) from exc
     return p
 
 
@@ -258,7 +268,7 @@ def run_depth_sweep(
             "decoupled: aligned, product a0; random: a0^(1/N)*N(0,1/fan_in)",
         },
         "results": table,
-        "loss_curves": {"steps": sw.loss_steps, "median_loss": np.nanmedian(sw.loss, -1)},
+        "loss_curves": {"steps": sw.loss_steps, "median_loss": _nanmedian(sw.loss, -1)},
         "figures": [fig.name],
         "versions": versions(),
     }
@@ -473,7 +483,8 @@ def run_transfer(
             "(minimum of the seed-mean curve)",
             "benefit": "target error trained alone - target error trained jointly "
             "(positive = positive transfer); same noise draws for both",
-            "joint_training": "shared first layer, one head per task = 2-layer net on stacked [Sigma_S; Sigma_T]",
+            "joint_training": "shared first layer, one head per task = 2-layer net on the stacked "
+            "[Sigma_S; Sigma_T]",
         },
         "benefit_theory": b_th,
         "benefit_sim": b_sim,

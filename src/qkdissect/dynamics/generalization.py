@@ -43,7 +43,7 @@ from scipy import optimize
 from qkdissect.dynamics import _checks, rmt
 from qkdissect.dynamics.simulate import INIT_KINDS, Progress, gradient_descent, init_weights
 from qkdissect.dynamics.tasks import make_generator, make_noisy_teacher
-from qkdissect.dynamics.theory import _mode_strength_unchecked, time_to_fraction
+from qkdissect.dynamics.theory import _mode_strength_function, time_to_fraction
 from qkdissect.errors import QKDissectError
 
 __all__ = [
@@ -99,7 +99,14 @@ class GeneralizationTheory:
 
 
 def _theory_errors(
-    s_bar: np.ndarray, a_ratio: float, n_out: int, a0: float, depth: int, tau: float, n_nodes: int
+    s_bar: np.ndarray,
+    a_ratio: float,
+    n_out: int,
+    a0: float,
+    depth: int,
+    tau: float,
+    n_nodes: int,
+    t_end: float,
 ) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """Return ``f(t) -> (E_train(t), E_test(t))`` for ``t`` of shape ``(T,)``."""
     det = s_bar > a_ratio**0.25
@@ -111,9 +118,10 @@ def _theory_errors(
     norm = float(np.sum(s_bar**2))
     lost = float(np.sum(s_bar[~det] ** 2))
     all_s = np.concatenate([sh, sig])
+    strength = _mode_strength_function(all_s, np.full(all_s.shape, a0), depth, tau, t_end)
 
     def f(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        a = _mode_strength_unchecked(all_s, np.full(all_s.shape, a0), np.atleast_1d(t), depth, tau)
+        a = strength(t)
         a_out, a_bulk = a[:, : sh.size], a[:, sh.size :]
         test = (sb**2 - 2 * sb * ov * a_out + a_out**2).sum(1) + lost + n_bulk * (a_bulk**2 @ w)
         train = ((sh - a_out) ** 2).sum(1) + n_bulk * ((sig - a_bulk) ** 2 @ w)
@@ -161,13 +169,14 @@ def generalization_theory(
         t_edge = float(time_to_fraction([edge], a0, 0.5, depth=depth, tau=tau)[0])
         times = np.linspace(0.0, 2.0 * t_edge, 400)
     t = _checks.times(times)
-    f = _theory_errors(s_bar, a_ratio, n_out, a0, depth, tau, n_nodes)
+    f = _theory_errors(s_bar, a_ratio, n_out, a0, depth, tau, n_nodes, float(t.max()))
     train, test = f(t)
     t_opt, e_opt = curve_minimum(t, test, refine=lambda x: float(f(np.array([x]))[1][0]))
     tr_opt = float(f(np.array([t_opt]))[0][0])
     det = s_bar > a_ratio**0.25
     ov = np.atleast_1d(rmt.spike_overlap(s_bar, a_ratio))
-    shrink = float((np.sum(s_bar[det] ** 2 * (1 - ov[det] ** 2)) + np.sum(s_bar[~det] ** 2)) / np.sum(s_bar**2))
+    kept = np.sum(s_bar[det] ** 2 * (1 - ov[det] ** 2))
+    shrink = float((kept + np.sum(s_bar[~det] ** 2)) / np.sum(s_bar**2))
     return GeneralizationTheory(
         times=t,
         train_error=train,

@@ -6,6 +6,7 @@ Theory is always drawn as solid lines, simulation as markers / dashed lines / sh
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -26,6 +27,13 @@ __all__ = [
 ]
 
 _DPI = 130
+
+
+def _nanmedian(x: np.ndarray, axis: int) -> np.ndarray:
+    """Median ignoring NaN; all-NaN slices (after an early stop) give NaN without a warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmedian(x, axis=axis)
 
 
 def _save(fig: plt.Figure, path: str | Path) -> Path:
@@ -185,7 +193,8 @@ def plot_shrinkage_sweep(
     x = np.arange(len(labels))
     wdt = 0.2
     ax.bar(x - 1.5 * wdt, gd_theory, wdt, color="tab:orange", label="GD at t*, theory")
-    ax.bar(x - 0.5 * wdt, gd_sim, wdt, color="tab:orange", alpha=0.5, hatch="//", label="GD at t*, simulation")
+    ax.bar(x - 0.5 * wdt, gd_sim, wdt, color="tab:orange", alpha=0.5, hatch="//",
+           label="GD at t*, simulation")
     ax.bar(x + 0.5 * wdt, shrinkage_theory, wdt, color="tab:green", label="shrinkage, theory")
     ax.bar(x + 1.5 * wdt, shrinkage_sim, wdt, color="tab:green", alpha=0.5, hatch="//",
            label="shrinkage, simulation")
@@ -216,9 +225,9 @@ def plot_depth_sweep(path: str | Path, sweep: object) -> Path:
         if np.isfinite(sweep.theory_times[i]).any():
             ax.plot(depths, sweep.theory_times[i], "-", color=c, lw=3, alpha=0.4, label=f"{kind} (theory)")
         j = len(depths) - 1
-        ax2.plot(sweep.loss_steps, np.nanmedian(sweep.loss[i, 0], 1), color=c, ls=":",
+        ax2.plot(sweep.loss_steps, _nanmedian(sweep.loss[i, 0], 1), color=c, ls=":",
                  label=f"{kind}, N={depths[0]}")
-        ax2.plot(sweep.loss_steps, np.nanmedian(sweep.loss[i, j], 1), color=c,
+        ax2.plot(sweep.loss_steps, _nanmedian(sweep.loss[i, j], 1), color=c,
                  label=f"{kind}, N={depths[j]}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")

@@ -20,6 +20,7 @@ Gavish–Donoho (2017) shrinker. All functions are pure numpy and act elementwis
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import numpy as np
@@ -161,7 +162,8 @@ def optimal_shrinkage(s_hat: Any, aspect_ratio: float) -> np.ndarray:
     sb = np.atleast_1d(inverse_spike(s_hat, aspect_ratio))
     out = np.zeros_like(sb)
     pos = sb > 0
-    out[pos] = sb[pos] * np.atleast_1d(spike_overlap(sb[pos], aspect_ratio))
+    if np.any(pos):
+        out[pos] = sb[pos] * np.atleast_1d(spike_overlap(sb[pos], aspect_ratio))
     return _like(out, s_hat)
 
 
@@ -173,9 +175,17 @@ def _like(out: np.ndarray, ref: Any) -> np.ndarray:
     return out.reshape(()) if np.ndim(ref) == 0 else out.reshape(np.shape(ref))
 
 
+@functools.lru_cache(maxsize=8)
+def _leggauss(n: int) -> tuple[np.ndarray, np.ndarray]:
+    x, w = np.polynomial.legendre.leggauss(n)
+    x.setflags(write=False)
+    w.setflags(write=False)
+    return x, w
+
+
 def _mp_nodes(a: float, n_nodes: int) -> tuple[np.ndarray, np.ndarray]:
     """Quadrature nodes σ and weights w with Σ w f(σ) ≈ ∫ p_MP(σ) f(σ) dσ (Σ w = 1 exactly)."""
-    x, wx = np.polynomial.legendre.leggauss(n_nodes)
+    x, wx = _leggauss(n_nodes)
     theta = 0.5 * np.pi * (x + 1.0)
     lo, hi = (1.0 - np.sqrt(a)) ** 2, (1.0 + np.sqrt(a)) ** 2
     half = 0.5 * (hi - lo)

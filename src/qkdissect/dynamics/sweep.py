@@ -19,11 +19,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from scipy import optimize
 
 from qkdissect.dynamics import _checks
 from qkdissect.dynamics.simulate import INIT_KINDS, first_crossing, gradient_descent, init_weights
 from qkdissect.dynamics.tasks import make_generator, make_linear_task
-from qkdissect.dynamics.theory import _mode_strength_unchecked
+from qkdissect.dynamics.theory import _mode_strength_function
 from qkdissect.errors import QKDissectError
 
 __all__ = ["DepthSweep", "depth_sweep", "depth_learning_rate"]
@@ -71,20 +72,19 @@ class DepthSweep:
 
 def _theory_time(s: np.ndarray, a0: float, depth: int, tau: float, crit: float, t_max: float) -> float:
     """Epochs until Σ(s − a)²/Σs² < crit for decoupled init (NaN if beyond t_max)."""
+    strength = _mode_strength_function(s, np.full(s.shape, a0), depth, tau, t_max)
+
+    def loss(t: np.ndarray) -> np.ndarray:
+        return ((s - strength(t)) ** 2).sum(1) / (s**2).sum()
+
     t = np.linspace(0.0, t_max, 4001)
-    a = _mode_strength_unchecked(s, np.full(s.shape, a0), t, depth, tau)
-    loss = ((s - a) ** 2).sum(1) / (s**2).sum()
-    below = loss < crit
+    below = loss(t) < crit
     if not below.any():
         return float("nan")
     i = int(np.argmax(below))
     if i == 0:
         return 0.0
-    # refine on a fine grid between the two bracketing samples
-    tf = np.linspace(t[i - 1], t[i], 2001)
-    af = _mode_strength_unchecked(s, np.full(s.shape, a0), tf, depth, tau)
-    lf = ((s - af) ** 2).sum(1) / (s**2).sum()
-    return float(tf[int(np.argmax(lf < crit))])
+    return float(optimize.brentq(lambda x: loss(np.array([x]))[0] - crit, t[i - 1], t[i], xtol=1e-6))
 
 
 def depth_sweep(

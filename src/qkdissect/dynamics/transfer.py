@@ -36,7 +36,7 @@ from qkdissect.dynamics import _checks, rmt
 from qkdissect.dynamics.generalization import curve_minimum, generalization_theory
 from qkdissect.dynamics.simulate import gradient_descent, init_weights
 from qkdissect.dynamics.tasks import make_generator, make_transfer_pair
-from qkdissect.dynamics.theory import _mode_strength_unchecked, time_to_fraction
+from qkdissect.dynamics.theory import _mode_strength_function, time_to_fraction
 from qkdissect.errors import QKDissectError
 
 __all__ = ["TransferTheory", "transfer_theory", "TransferSimulation", "simulate_transfer"]
@@ -126,9 +126,10 @@ def transfer_theory(
     f_t = n_ot / n_tot
     n_bulk = n_tot - int(det.sum())
     all_s = np.concatenate([sh, nodes])
+    strength = _mode_strength_function(all_s, np.full(all_s.shape, a0), 2, tau, float(t.max()))
 
     def joint(tt: np.ndarray) -> np.ndarray:
-        a = _mode_strength_unchecked(all_s, np.full(all_s.shape, a0), np.atleast_1d(tt), 2, tau)
+        a = strength(tt)
         a_out, a_bulk = a[:, : sh.size], a[:, sh.size :]
         err = (
             s_t**2
