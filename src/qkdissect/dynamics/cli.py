@@ -247,7 +247,7 @@ def transfer(
     n_in: int = typer.Option(100, help="Shared input dimension N_i."),
     n_out_source: int = typer.Option(50, help="Source output dimension."),
     n_out_target: int = typer.Option(50, help="Target output dimension (N_oS + N_oT <= N_i)."),
-    seeds: int = typer.Option(5, help="Noise draws per setting."),
+    seeds: int = typer.Option(10, help="Noise draws per setting (paired: same draws alone and joint)."),
     a0: float = typer.Option(1e-5, help="Initial student strength per empirical mode."),
     lr: float = typer.Option(1e-2, help="Learning rate; τ = 1/lr epochs."),
     init: str = typer.Option("decoupled", help="decoupled | random."),

@@ -164,6 +164,7 @@ def run_saxe(
             "analytic_half_time": th_half[m],
             "simulated_half_time": float(np.nanmean(sim_half[:, m])),
             "simulated_half_time_per_seed": sim_half[:, m],
+            "half_time_ratio_sim_over_analytic": float(np.nanmean(sim_half[:, m]) / th_half[m]),
             "max_relative_deviation": float(dev[:, :, m].max()),
         }
         if discrete is not None:
@@ -422,7 +423,7 @@ def run_transfer(
     n_in: int = 100,
     n_out_source: int = 50,
     n_out_target: int = 50,
-    n_seeds: int = 5,
+    n_seeds: int = 10,
     a0: float = 1e-5,
     lr: float = 1e-2,
     init: str = "decoupled",
@@ -470,7 +471,14 @@ def run_transfer(
             })
             if progress is not None:
                 progress("settings", i * al.size + j + 1, total)
-    fig = plots.plot_transfer(outdir / "transfer_matrix.png", al, ss, b_th, b_sim, snr_target=snr_target)
+    fine = np.linspace(0.0, 1.0, 21)
+    b_fine = np.array([
+        [transfer_theory(s_s, snr_target, q, n_in=n_in, n_out_source=n_out_source,
+                         n_out_target=n_out_target, a0=a0, lr=lr).benefit for q in fine]
+        for s_s in ss
+    ])
+    fig = plots.plot_transfer(outdir / "transfer_matrix.png", al, ss, b_th, b_sim, snr_target=snr_target,
+                              fine_alignments=fine, fine_benefit_theory=b_fine)
     results = {
         "command": "transfer",
         "parameters": {
@@ -488,6 +496,7 @@ def run_transfer(
         },
         "benefit_theory": b_th,
         "benefit_sim": b_sim,
+        "benefit_theory_fine": {"alignments": fine, "benefit": b_fine},
         "settings": rows,
         "figures": [fig.name],
         "versions": versions(),

@@ -64,7 +64,7 @@ def plot_mode_strengths(
     Args:
         steps: ``(T,)``; simulated: ``(T, n_seeds, M)``; theory: ``(T, M)``; target: ``(M,)``.
     """
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 5.4), gridspec_kw={"width_ratios": [3, 2]})
     colors = plt.cm.viridis(np.linspace(0.0, 0.85, target.size))
     sl = _thin(steps.size)
     for m, (s, c) in enumerate(zip(target, colors)):
@@ -81,10 +81,10 @@ def plot_mode_strengths(
     ax.set_xlabel("t (epochs = gradient steps)")
     ax.set_ylabel(r"mode strength $a_\alpha(t) = u_\alpha^\top W v_\alpha$")
     ax.set_title(title or "Modes are learned one by one")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3)
     ax2.set_xlabel("t (epochs)")
     ax2.set_ylabel(r"max over seeds $|a_{sim} - a_{theory}| / s$")
-    ax2.set_title("Simulation minus theory")
+    ax2.set_title("Simulation vs theory (theory: decoupled init)")
     ax2.axhline(0.01, color="red", ls="--", lw=1, label="1% bound")
     ax2.legend(fontsize=8)
     return _save(fig, path)
@@ -254,11 +254,15 @@ def plot_transfer(
     benefit_sim: np.ndarray,
     *,
     snr_target: float,
+    fine_alignments: np.ndarray | None = None,
+    fine_benefit_theory: np.ndarray | None = None,
 ) -> Path:
     """Transfer matrix: benefit (alone − joint target test error) over alignment × source SNR.
 
     Args:
         benefit_theory, benefit_sim: ``(n_snr_sources, n_alignments)``.
+        fine_alignments, fine_benefit_theory: optional ``(K,)`` and ``(n_snr_sources, K)`` theory
+            on a finer alignment grid for the line plot.
     """
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     lim = float(np.nanmax(np.abs(np.concatenate([benefit_theory.ravel(), benefit_sim.ravel()])))) or 1.0
@@ -272,11 +276,16 @@ def plot_transfer(
         ax.set_ylabel("source SNR s̄_S")
         ax.set_title(f"transfer benefit, {name} (target SNR {snr_target:g})")
         for (r, c), v in np.ndenumerate(data):
-            ax.text(c, r, f"{v:+.2f}", ha="center", va="center", fontsize=8)
+            ax.text(c, r, f"{v:+.2f}", ha="center", va="center", fontsize=9,
+                    color="white" if abs(v) > 0.6 * lim else "black")
         fig.colorbar(im, ax=ax, label="E_alone(t*) − E_joint(t*)")
     colors = plt.cm.viridis(np.linspace(0, 0.85, snr_sources.size))
     for k, (s, c) in enumerate(zip(snr_sources, colors)):
-        axes[2].plot(alignments, benefit_theory[k], "-", color=c, lw=2, label=f"s̄_S={s:g} theory")
+        if fine_alignments is not None and fine_benefit_theory is not None:
+            axes[2].plot(fine_alignments, fine_benefit_theory[k], "-", color=c, lw=2,
+                         label=f"s̄_S={s:g} theory")
+        else:
+            axes[2].plot(alignments, benefit_theory[k], "-", color=c, lw=2, label=f"s̄_S={s:g} theory")
         axes[2].plot(alignments, benefit_sim[k], "o--", color=c, mfc="none", label=f"s̄_S={s:g} simulation")
     axes[2].axhline(0, color="k", lw=0.8)
     axes[2].set_xlabel(r"input alignment $\bar v_S \cdot \bar v_T$")
