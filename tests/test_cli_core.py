@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import make_hf
+from helpers import make_hf
 from typer.testing import CliRunner
 
 from qkdissect.cli import app

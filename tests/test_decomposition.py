@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import D_HEAD, D_MODEL, N_HEADS, N_LAYERS, image_batch, make_timm_vit, text_batch
+from helpers import D_HEAD, D_MODEL, N_HEADS, N_LAYERS, image_batch, make_timm_vit, text_batch
 
 from qkdissect import dissect, factored_svd
 from qkdissect.adapters import AttentionLayer, wrap_model

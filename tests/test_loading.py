@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_hf, make_timm_vit
+from helpers import make_hf, make_timm_vit
 
 from qkdissect import QKDissectError, dissect, load_model
 from qkdissect.adapters import get_adapter, load_state_dict, wrap_model

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGE_HW, image_batch, make_hf, make_timm_vit
+from helpers import IMAGE_HW, image_batch, make_hf, make_timm_vit
 
 from qkdissect import dissect
 from qkdissect.adapters import wrap_model

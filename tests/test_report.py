@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import D_HEAD, D_MODEL, N_HEADS, N_LAYERS, make_hf, make_timm_vit
+from helpers import D_HEAD, D_MODEL, N_HEADS, N_LAYERS, make_hf, make_timm_vit
 from typer.testing import CliRunner
 
 from qkdissect import ModeAtlas, QKDissectError, dissect
@@ -307,7 +307,7 @@ def test_cli_help_documents_keys_and_offline_use():
 @pytest.fixture(scope="module")
 def preference_dir(vit, tmp_path_factory):
     """Odd-one-out images at the tiny models' size, measured on the same model as ``atlas_dir``."""
-    from conftest import IMAGE_HW
+    from helpers import IMAGE_HW
 
     from qkdissect.oddoneout import generate_oddoneout
     from qkdissect.preference import run_preference, save_preference

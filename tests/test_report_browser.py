@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import N_HEADS, N_LAYERS, make_hf
+from helpers import N_HEADS, N_LAYERS, make_hf
 from typer.testing import CliRunner
 
 from qkdissect import ModeAtlas
