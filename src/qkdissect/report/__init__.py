@@ -295,7 +295,7 @@ def build_report(
     before anything is written.
     """
     started = time.perf_counter()
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # "." and "dir/" have a usable name for the sibling build folder
     atlas, atlas_dir = _load_atlas(atlas, atlas_dir)
     sources = read_compare_sources(compare)
     inputs = _Inputs(sources=sources, preference=_load_preference(preference))
