@@ -7,6 +7,10 @@ For layer l with atlas modes (U, S, V, key_bias) and captured attention inputs x
     logit[b, h, p, p'] = scale · ( Σ_k σ_{h,k} q[b,h,p,k] k[b,h,p',k] + key_bias_h · x̃_{b,p'} )
 
 which equals the model's own logit up to terms constant in p' (they cancel in the softmax).
+The contribution of mode k of head h to that logit is ``scale · σ_{h,k} q[b,h,p,k] k[b,h,p',k]``
+(:func:`mode_contributions`); the key-bias term is ``scale · key_bias_h · x̃_{b,p'}``
+(:func:`key_bias_logits`). Image maps drop the prefix tokens (CLS, distillation, registers: their
+number comes from the adapter) and reshape the rest to the patch grid (:func:`split_tokens`).
 x̃ is captured with a forward pre-hook on the attention module (works with fused / SDPA
 attention, which returns no probabilities). For an atlas with folded LayerNorm the modes
 act on n = (x̃ − β) / γ, which :func:`atlas_input` computes.
@@ -14,6 +18,7 @@ act on n = (x̃ − β) / γ, which :func:`atlas_input` computes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
@@ -23,11 +28,16 @@ from qkdissect.adapters.loading import LoadedModel, wrap_model
 from qkdissect.errors import QKDissectError
 
 __all__ = [
+    "LogitVarianceShares",
     "atlas_input",
     "attention_from_modes",
     "capture_attention_inputs",
+    "key_bias_logits",
+    "logit_variance_shares",
     "logits_from_modes",
+    "mode_contributions",
     "project",
+    "split_tokens",
 ]
 
 
@@ -117,3 +127,115 @@ def attention_from_modes(atlas, layer: int, x: Tensor, key_mask: Tensor | None =
     if key_mask is not None:
         logits = logits.masked_fill(~key_mask.bool()[:, None, None, :].to(logits.device), float("-inf"))
     return logits.softmax(dim=-1)
+
+
+def split_tokens(values: Tensor, n_prefix: int, grid: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
+    """Split per-token values (..., N) into prefix tokens (..., n_prefix) and patch tokens.
+
+    With ``grid`` = (rows, cols) the patch part is reshaped row-major to (..., rows, cols)
+    (non-square grids allowed); without it, it stays (..., N − n_prefix).
+    """
+    n_tokens = values.shape[-1]
+    if not 0 <= n_prefix <= n_tokens:
+        raise QKDissectError(f"cannot drop {n_prefix} prefix tokens from a sequence of {n_tokens}.")
+    prefix, patches = values[..., :n_prefix], values[..., n_prefix:]
+    if grid is None:
+        return prefix, patches
+    rows, cols = grid
+    if rows * cols != patches.shape[-1]:
+        raise QKDissectError(f"{patches.shape[-1]} patch tokens do not fill a {rows}×{cols} grid "
+                             f"({n_tokens} tokens, {n_prefix} prefix tokens); the image size does not "
+                             "match the model's patch grid.")
+    return prefix, patches.reshape(*patches.shape[:-1], rows, cols)
+
+
+def mode_contributions(atlas, layer: int, x: Tensor, head: int, modes: Iterable[int] | None = None) -> Tensor:
+    """Contribution of each mode of one head to its logits, (B, m, N, N):
+
+        C[b, k, p, p'] = scale · σ_k · q[b, p, k] · k[b, p', k]
+
+    Σ over all modes of C plus :func:`key_bias_logits` equals :func:`logits_from_modes` for the head.
+    """
+    modes_ = atlas.layers[layer]
+    selected = _mode_index(atlas, modes)
+    x = atlas_input(atlas, layer, x)
+    U = modes_.U[head][:, selected].to(x.device)
+    V = modes_.V[head][:, selected].to(x.device)
+    S = modes_.S[head][selected].to(x.device)
+    q, k = x @ U, x @ V  # (B, N, m)
+    return atlas.scale * torch.einsum("bpm,m,bqm->bmpq", q, S, k)
+
+
+def key_bias_logits(atlas, layer: int, x: Tensor, head: int) -> Tensor:
+    """The key-salience part of one head's logits, scale · key_bias·x̃_p' (B, N): the same for every query."""
+    z = atlas_input(atlas, layer, x)
+    return atlas.scale * (z @ atlas.layers[layer].key_bias[head].to(z.device))
+
+
+def _mode_index(atlas, modes: Iterable[int] | None) -> list[int]:
+    if modes is None:
+        return list(range(atlas.rank))
+    selected = [int(m) for m in modes]
+    bad = [m for m in selected if not 0 <= m < atlas.rank]
+    if bad:
+        raise QKDissectError(f"modes {bad} do not exist: each head has modes 0..{atlas.rank - 1}.")
+    return selected
+
+
+@dataclass(frozen=True)
+class LogitVarianceShares:
+    """How much of each head's logit variance each mode explains, per input.
+
+    With L̄ the head's logits centred over the keys of each query row (terms constant in p'
+    cancel in the softmax), C̄_k mode k's centred contribution and B̄ the centred key-bias term
+    (L̄ = Σ_k C̄_k + B̄), ``mode_shares[b, h, k] = ⟨C̄_k, L̄⟩ / ⟨L̄, L̄⟩`` and
+    ``bias_share[b, h] = ⟨B̄, L̄⟩ / ⟨L̄, L̄⟩`` (inner products over valid query–key pairs), so that
+    Σ_k mode_shares + bias_share = 1. A share is negative when the mode works against the rest.
+    ``logit_variance[b, h]`` is the mean over queries of the variance of the logits over keys.
+    Shapes: mode_shares (B, heads, r); bias_share, logit_variance (B, heads); float64.
+    """
+
+    mode_shares: Tensor
+    bias_share: Tensor
+    logit_variance: Tensor
+
+
+def logit_variance_shares(atlas, layer: int, x: Tensor, token_mask: Tensor | None = None) -> LogitVarianceShares:
+    """Per-input share of each head's logit variance carried by each mode (see LogitVarianceShares).
+
+    x: x̃ (B, N, d_model); token_mask (B, N) bool, False = a token left out both as query and as
+    key (padding, or prefix tokens for a patches-only ranking). Computed from r × r Gram matrices,
+    O(N·r²) per head, never forming the N × N contributions:
+    ⟨C̄_k, C̄_j⟩ = σ_k σ_j (qᵀq)_kj (K̄ᵀK̄)_kj, ⟨C̄_k, B̄⟩ = σ_k (Σ_p q_pk)(K̄ᵀs̄)_k, ⟨B̄, B̄⟩ = N_q s̄ᵀs̄,
+    with K̄ the key maps and s̄ the key-bias logits centred over valid keys (scale² cancels).
+    """
+    modes = atlas.layers[layer]
+    z = atlas_input(atlas, layer, x).double()
+    if token_mask is None:
+        token_mask = torch.ones(z.shape[:2], dtype=torch.bool, device=z.device)
+    w = token_mask.to(z.device).double()  # (B, N)
+    n_valid = w.sum(dim=1)  # (B,)
+    if bool((n_valid < 2).any()):
+        raise QKDissectError("logit variance needs at least two valid tokens per input.")
+    U, V, S = modes.U.double().to(z.device), modes.V.double().to(z.device), modes.S.double().to(z.device)
+    q = torch.einsum("bnd,hdr->bhnr", z, U) * w[:, None, :, None]
+    k = torch.einsum("bnd,hdr->bhnr", z, V)
+    s = torch.einsum("bnd,hd->bhn", z, modes.key_bias.double().to(z.device))
+    weights = w[:, None, :]
+    k_mean = (k * weights[..., None]).sum(dim=2, keepdim=True) / n_valid[:, None, None, None]
+    s_mean = (s * weights).sum(dim=2, keepdim=True) / n_valid[:, None, None]
+    k_c = (k - k_mean) * weights[..., None]
+    s_c = (s - s_mean) * weights
+    gram_q = torch.einsum("bhnr,bhns->bhrs", q, q)
+    gram_k = torch.einsum("bhnr,bhns->bhrs", k_c, k_c)
+    cross = q.sum(dim=2) * torch.einsum("bhnr,bhn->bhr", k_c, s_c)  # (Σ_p q_pk)(K̄ᵀs̄)_k
+    mode_mode = S[None, :, :, None] * gram_q * gram_k * S[None, :, None, :]  # ⟨C̄_k, C̄_j⟩
+    mode_bias = S[None] * cross  # ⟨C̄_k, B̄⟩
+    bias_bias = n_valid[:, None] * (s_c * s_c).sum(dim=2)  # ⟨B̄, B̄⟩
+    per_mode = mode_mode.sum(dim=-1) + mode_bias
+    bias = mode_bias.sum(dim=-1) + bias_bias
+    total = per_mode.sum(dim=-1) + bias
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    variance = atlas.scale ** 2 * total / (n_valid[:, None] ** 2)
+    return LogitVarianceShares(mode_shares=torch.where(total[..., None] > 0, per_mode / safe[..., None], 0.0),
+                               bias_share=torch.where(total > 0, bias / safe, 0.0), logit_variance=variance)
