@@ -8,6 +8,7 @@ import base64
 import hashlib
 import json
 import re
+import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -150,7 +151,7 @@ def test_head_page_charts_and_table_encode_the_dense_spectrum(report, vit, atlas
         tags = parse(page).tags
         bars = [a for t, a in tags if t == "rect" and "bar" in (a.get("class") or "")]
         dots = [a for t, a in tags if t == "circle" and "dot" in (a.get("class") or "")]
-        assert [int(a["data-k"]) for a in bars] == list(range(1, D_HEAD + 1)) == [int(a["data-k"]) for a in dots]
+        assert [int(a["data-k"]) for a in bars] == list(range(D_HEAD)) == [int(a["data-k"]) for a in dots]
         sigma = torch.tensor([float(a["data-value"]) for a in bars], dtype=torch.float64)
         torch.testing.assert_close(sigma, S[layer, head], rtol=1e-5, atol=0)
         heights = torch.tensor([float(a["height"]) for a in bars], dtype=torch.float64)
@@ -166,8 +167,21 @@ def test_head_page_charts_and_table_encode_the_dense_spectrum(report, vit, atlas
         for attrs, value in zip(dots, values.tolist()):
             expected = "above" if value > hi else "below" if value < lo else "inside"
             assert expected in attrs["class"]
-        rows = re.findall(r"<tr><td>(\d+)</td>", page.read_text().split('id="modes"')[1])
-        assert rows == [str(k) for k in range(1, D_HEAD + 1)]
+        rows = re.findall(r"<tr><td>(\d+)</td>", page.read_text().split('id="modes"')[1].split("</table>")[0])
+        assert rows == [str(k) for k in range(D_HEAD)]
+
+
+def local_references_exist(page: Path) -> int:
+    """Every src/href of ``page`` is a relative path to an existing file; returns how many <img> it has."""
+    images = 0
+    for tag, attrs in parse(page).tags:
+        images += tag == "img"
+        for name in ("src", "href"):
+            ref = attrs.get(name)
+            if ref and not ref.startswith("#"):
+                assert not re.match(r"^[a-z][a-z0-9+.-]*:|^//", ref, re.I), ref
+                assert (page.parent / ref.split("#")[0]).is_file(), ref
+    return images
 
 
 def test_navigation_links(report):
@@ -359,3 +373,144 @@ def test_preference_of_another_shape_is_shown_with_a_note(second_atlas, preferen
     with pytest.raises(QKDissectError, match="not a preference folder"):
         build_report(second_atlas, tmp_path / "r2", preference=tmp_path)
     assert not (tmp_path / "r2").exists()
+
+
+EVIL_FILE = 'a<b>&"c.png'
+
+
+@pytest.fixture(scope="module")
+def image_folder(natural_image_folder, tmp_path_factory):
+    """The natural images plus a copy of one under a file name full of HTML characters."""
+    folder = tmp_path_factory.mktemp("images")
+    for path in sorted(natural_image_folder.iterdir())[:4]:
+        shutil.copyfile(path, folder / path.name)
+    shutil.copyfile(natural_image_folder / "astronaut.png", folder / EVIL_FILE)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def mined_dir(vit, atlas_dir, image_folder, tmp_path_factory):
+    from qkdissect.mining import mine
+
+    out = tmp_path_factory.mktemp("mined") / "mined"
+    mine(wrap_model(vit, spec=EVIL), image_folder, out, top_k=3, batch_size=3, layers=[0, 2], sheet_modes=(0, 2),
+         atlas=ModeAtlas.load(atlas_dir), sheets=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def maps_dir(vit, atlas_dir, image_folder, tmp_path_factory):
+    from qkdissect.views import prepare_view, run_maps
+
+    out = tmp_path_factory.mktemp("maps") / "maps"
+    run_maps(prepare_view(wrap_model(vit, spec=EVIL), ModeAtlas.load(atlas_dir)), out, layer=1, head=2, modes=(0, 1),
+             images=[image_folder / "coffee.png", image_folder / EVIL_FILE])
+    return out
+
+
+@pytest.fixture(scope="module")
+def views_report(atlas_dir, mined_dir, maps_dir, tmp_path_factory):
+    return build_report(atlas_dir, tmp_path_factory.mktemp("views") / "report", mined=mined_dir, maps=[maps_dir])
+
+
+def query_key_maps(vit, image_path: Path, layer: int, u: torch.Tensor, v: torch.Tensor, grid=(5, 7)):
+    """q = u·x̃_p, k = v·x̃_p on the patch grid, with x̃ from a hook on the timm block's norm1 (independent
+    of qkdissect's capture code); 3 prefix tokens (CLS + 2 registers) dropped."""
+    from qkdissect.images import open_image
+
+    captured = {}
+    handle = vit.blocks[layer].norm1.register_forward_hook(lambda module, args, output: captured.setdefault("x", output))
+    with torch.no_grad():
+        vit(wrap_model(vit).preprocessing(open_image(image_path))[None])
+    handle.remove()
+    x = captured["x"][0, 3:].double()
+    return (x @ u.double()).reshape(grid), (x @ v.double()).reshape(grid)
+
+
+def test_top_image_tiles_show_the_right_maps_for_each_sign(views_report, mined_dir, vit, atlas_dir, image_folder):
+    import numpy as np
+    from PIL import Image
+
+    from qkdissect.mining import load_mined
+    from qkdissect.overlays import upsample
+
+    mined = load_mined(mined_dir)
+    atlas = ModeAtlas.load(atlas_dir)
+    out = views_report.out
+    checked = 0
+    for layer, head in [(0, 1), (2, 3)]:
+        page = out / "heads" / head_page_name(layer, head, N_LAYERS, N_HEADS)
+        assert local_references_exist(page) == 2 * 2 * 3  # modes 0 and 2, two signs, top 3
+        tags = parse(page).tags
+        tiles = [a for t, a in tags if t == "img" and "/mined/" in a["src"]]
+        assert all(a["loading"] == "lazy" for a in tiles)
+        assert {m for m in re.findall(r'id="mode-(\d+)"', page.read_text())} == {"0", "2"}
+        for mode in (0, 2):
+            for sign_index, sign in enumerate("+−"):
+                rows = mined.top(layer, head, mode, sign_index)
+                shown = [a for a in tiles if a["alt"].startswith(f"mode {mode} sign {sign} ")]
+                assert [a["title"] for a in shown] == [r["relative_path"] for r in rows]
+                # the tile's red − cyan difference follows the documented overlay intensities of this image's
+                # q and k maps for this sign, recomputed here: clip((s·m − max(0, median s·m)) / (max s·m − that), 0, 1)
+                factor = 1.0 if sign == "+" else -1.0
+                U, V = atlas.layers[layer].U[head, :, mode], atlas.layers[layer].V[head, :, mode]
+                first = next((a for a, r in zip(shown, rows) if r["score"] > 0), None)
+                if first is None:  # no image turns both sides of this sign positive: nothing to compare
+                    continue
+                q, k = query_key_maps(vit, image_folder / first["title"], layer, U, V)
+                tile = np.asarray(Image.open(page.parent / first["src"]).convert("RGB"), dtype=np.float64)
+
+                def intensity(m):
+                    m = upsample((factor * m).numpy(), tile.shape[:2])
+                    low = max(float(np.median(m)), 0.0)
+                    return np.clip((m - low) / (m.max() - low), 0, 1)
+
+                expected = intensity(q) - intensity(k)
+                correlation = np.corrcoef((tile[..., 0] - tile[..., 1]).ravel(), expected.ravel())[0, 1]
+                assert correlation > 0.8, (layer, head, mode, sign, correlation)
+                checked += 1
+    assert checked >= 4
+    page = out / "heads" / head_page_name(1, 0, N_LAYERS, N_HEADS)
+    assert 'id="top-images"' not in page.read_text()  # layer 1 was not mined
+
+
+def test_file_names_from_user_data_are_escaped(views_report):
+    for page in sorted((views_report.out / "heads").glob("*.html")):
+        text = page.read_text()
+        assert "a<b>" not in text and "<b>" not in text
+    evil_pages = [p for p in (views_report.out / "heads").glob("*.html") if "a&lt;b&gt;&amp;&#34;c.png" in p.read_text()]
+    assert evil_pages  # the file shows up (as text) among top images and in the maps section
+
+
+def test_maps_section_on_its_head_only(views_report, maps_dir):
+    from qkdissect.views import load_maps
+
+    maps = load_maps(maps_dir)
+    page = views_report.out / "heads" / head_page_name(1, 2, N_LAYERS, N_HEADS)
+    text = page.read_text()
+    assert 'id="maps"' in text and local_references_exist(page) == len(maps.items) * 2
+    section = text.split('id="maps"')[1]
+    assert section.count('class="mode-block map-item"') == 2 and "coffee.png" in section
+    for path in (views_report.out / "heads").glob("*.html"):
+        if path != page:
+            assert 'id="maps"' not in path.read_text()
+    index = views_report.index.read_text()
+    assert f'href="heads/{head_page_name(1, 2, N_LAYERS, N_HEADS)}#maps"' in index and "Top images" in index
+
+
+def test_views_from_other_modes_are_refused(atlas_dir, second_atlas, mined_dir, maps_dir, vit, tmp_path):
+    other = ModeAtlas.load(atlas_dir)
+    shallow = ModeAtlas(meta=other.meta, layers=other.layers[:2], null=other.null)
+    with pytest.raises(QKDissectError, match="mined with 4 heads × 6 modes on layers \\[0, 2\\]"):
+        build_report(shallow, tmp_path / "r1", mined=mined_dir)
+    with pytest.raises(QKDissectError, match="other modes than this atlas"):
+        build_report(second_atlas, tmp_path / "r1", mined=mined_dir)
+    folded = dissect(wrap_model(vit, spec="folded"), fold_ln=True, null_samples=20)
+    assert not torch.allclose(folded.singular_values.double(), other.singular_values.double(), rtol=1e-3)
+    with pytest.raises(QKDissectError, match="other modes than this atlas"):
+        build_report(folded, tmp_path / "r2", mined=mined_dir)
+    with pytest.raises(QKDissectError, match="other modes than this atlas"):
+        build_report(folded, tmp_path / "r3", maps=[maps_dir])
+    with pytest.raises(QKDissectError, match="not a finished `qkdissect mine` folder"):
+        build_report(atlas_dir, tmp_path / "r4", mined=tmp_path)
+    assert not any((tmp_path / f"r{i}").exists() for i in range(1, 5))

@@ -80,6 +80,7 @@ def all_images_loaded(page) -> bool:
 
 def screenshot(page, tmp_path: Path, name: str) -> Path:
     path = tmp_path / name
+    page.evaluate("window.scrollTo(0, 0)")  # else the sticky header is drawn where the page was scrolled to
     page.screenshot(path=str(path), full_page=True)
     SHOTS.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(path, SHOTS / name)
@@ -87,9 +88,10 @@ def screenshot(page, tmp_path: Path, name: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    """A tiny random HF ViT saved to a folder, dissected, measured on odd-one-out images and reported
-    through the CLI, with a second model on the comparison page."""
+def report(tmp_path_factory, natural_image_folder):
+    """A tiny random HF ViT saved to a folder, dissected, mined over natural images, mapped on two of
+    them, measured on odd-one-out images and reported through the CLI, with a second model on the
+    comparison page."""
     root = tmp_path_factory.mktemp("browser")
     runner = CliRunner()
     for name, seed in (("model", 4), ("other", 5)):
@@ -100,11 +102,17 @@ def report(tmp_path_factory):
     for args in (["oddoneout", "--n", "8", "--size", "40", "--objects", "3", "--radius", "5", "--out",
                   str(root / "odd")],
                  ["preference", str(root / "model"), "--data", str(root / "odd"), "--atlas", str(root / "atlas_model"),
-                  "--bootstrap", "30", "--top-modes", "1", "--out", str(root / "pref")]):
+                  "--bootstrap", "30", "--top-modes", "1", "--out", str(root / "pref")],
+                 ["mine", str(root / "model"), "--images", str(natural_image_folder), "--top", "3", "--workers", "0",
+                  "--atlas", str(root / "atlas_model"), "--out", str(root / "mined")],
+                 ["maps", str(root / "model"), str(natural_image_folder / "coffee.png"),
+                  str(natural_image_folder / "chelsea.png"), "--layer", "1", "--head", "2", "--modes", "0-1",
+                  "--atlas", str(root / "atlas_model"), "--out", str(root / "maps")]):
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["report", str(root / "atlas_model"), "--out", str(root / "report"),
-                                 "--compare", str(root / "atlas_other"), "--preference", str(root / "pref")])
+                                 "--compare", str(root / "atlas_other"), "--preference", str(root / "pref"),
+                                 "--mined", str(root / "mined"), "--maps", str(root / "maps")])
     assert result.exit_code == 0, result.output
     return root / "report"
 
@@ -142,6 +150,10 @@ def test_clicking_a_cell_opens_that_head(browser, report, tmp_path):
     page.wait_for_url("**" + head_url_suffix(1, 2))
     assert page.inner_text("#head-title") == "Layer 1 · head 2"
     assert page.locator("svg.spectrum rect.bar").count() == page.locator("svg.cosines circle.dot").count() > 0
+    tiles = page.locator("#top-images ~ section figure.tile img")
+    assert tiles.count() == 4 * 2 * 3  # modes 0-3 kept by the miner, both signs, top 3
+    assert page.locator("#maps ~ section.map-item").count() == 2
+    assert all_images_loaded(page)  # every top image and map figure, after scrolling the lazy ones into view
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     screenshot(page, tmp_path, "head_1280.png")
     recorder.assert_clean()

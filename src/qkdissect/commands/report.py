@@ -26,6 +26,11 @@ def register(app: typer.Typer) -> None:
         preference: Optional[Path] = typer.Option(None, "--preference",
                                                   help="Folder from `qkdissect preference` (odd-one-out attention "
                                                        "preference): adds the preference page and per-head tables."),
+        mined: Optional[Path] = typer.Option(None, "--mined", help="Folder from `qkdissect mine`: the top images of "
+                                                                     "the leading modes, with query/key overlays, on "
+                                                                     "the head pages."),
+        maps: Optional[List[Path]] = typer.Option(None, "--maps", help="Folder from `qkdissect maps` (one head's "
+                                                                       "per-image maps); repeat for several."),
     ) -> None:
         """Write a static HTML report that opens from disk with no server and no network access.
 
@@ -48,13 +53,13 @@ def register(app: typer.Typer) -> None:
                 bar.update(task, completed=done, rate=f"{done / max(elapsed - started, 1e-9):.0f}")
 
             result = build_report(loaded, out, atlas_dir=str(atlas), compare=compare or (),
-                                  preference=preference, progress=advance)
+                                  preference=preference, mined=mined, maps=maps or (), progress=advance)
         table = Table(title=escape(f"report of {loaded.meta.get('model', atlas)}"), show_header=False)
         table.add_column(style="bold")
         table.add_column()
         table.add_row("pages", f"{result.n_pages} ({result.n_head_pages} head pages)")
         table.add_row("sections", ", ".join(result.sections))
-        table.add_row("images", str(result.n_images))
+        table.add_row("image files", str(result.n_images))
         table.add_row("size", f"{result.n_bytes / 1e6:.2f} MB")
         table.add_row("time", f"{result.seconds:.2f} s")
         console.print(table)

@@ -207,7 +207,7 @@ def _head_context(tables: _AtlasTables, layer: int, head: int) -> dict[str, Any]
     modes, cumulative = [], 0.0
     for k, (sigma, c) in enumerate(zip(S, cos)):
         cumulative += sigma / total
-        modes.append({"k": k + 1, "sigma": sigma, "share": sigma / total, "cumulative": cumulative, "cos": c,
+        modes.append({"k": k, "sigma": sigma, "share": sigma / total, "cumulative": cumulative, "cos": c,
                       "where": "above" if c > hi else "below" if c < lo else "inside",
                       "degenerate": k in flagged or (k - 1) in flagged,
                       "gap": (sigma - S[k + 1]) / (S[0] or 1.0) if k + 1 < len(S) else None})
@@ -235,10 +235,10 @@ def _head_context(tables: _AtlasTables, layer: int, head: int) -> dict[str, Any]
                   ("up", "↑ previous layer", up_url), ("down", "↓ next layer", down_url),
                   ("home", "overview (Esc)", "../index.html")],
         "strip": strip, "weighted": weighted, "verdict": verdict, "verdict_class": verdict_class,
-        "symmetric": tables.sym[layer][head], "sigma1": S[0], "stable_rank": sum(s * s for s in S) / (S[0] ** 2 or 1.0),
-        "modes90": next((m["k"] for m in modes if m["cumulative"] >= 0.9 - 1e-12), len(modes)),
+        "symmetric": tables.sym[layer][head], "sigma0": S[0], "stable_rank": sum(s * s for s in S) / (S[0] ** 2 or 1.0),
+        "modes90": next((m["k"] + 1 for m in modes if m["cumulative"] >= 0.9 - 1e-12), len(modes)),
         "n_above": sum(m["where"] == "above" for m in modes), "n_below": sum(m["where"] == "below" for m in modes),
-        "degenerate": [f"{k + 1}–{k + 2}" for k in sorted(flagged)], "modes": modes,
+        "degenerate": [f"{k}–{k + 1}" for k in sorted(flagged)], "modes": modes,
         "spectrum_svg": spectrum_svg(S, sorted(flagged)), "cosine_svg": cosine_svg(cos, S, tables.cos_band),
         "mined": None, "mined_modes": (), "maps": None, "preference": None,
     }
@@ -283,6 +283,8 @@ def build_report(
     atlas_dir: str | None = None,
     compare: Sequence[str | os.PathLike] = (),
     preference: str | os.PathLike | None = None,
+    mined: str | os.PathLike | None = None,
+    maps: Sequence[str | os.PathLike] = (),
     progress: Callable[[int, int], None] | None = None,
 ) -> ReportResult:
     """Write the HTML report of ``atlas`` (a ModeAtlas or an atlas folder) into the folder ``out``.
@@ -291,6 +293,8 @@ def build_report(
     ``compare``: atlas folders (``qkdissect dissect`` output) and/or comparison folders
     (``qkdissect compare`` output) to put beside this model on the comparison page.
     ``preference``: a ``qkdissect preference`` folder (preference page, and per-head tables).
+    ``mined``: a ``qkdissect mine`` folder (top images of the leading modes on the head pages).
+    ``maps``: ``qkdissect maps`` folders (per-image maps on the page of their head).
     ``progress(done, total)`` is called after each head page. All inputs are read and checked
     before anything is written.
     """
@@ -298,7 +302,7 @@ def build_report(
     out = Path(os.path.abspath(out))  # "." and "dir/" have a usable name for the sibling build folder
     atlas, atlas_dir = _load_atlas(atlas, atlas_dir)
     sources = read_compare_sources(compare)
-    inputs = _Inputs(sources=sources, preference=_load_preference(preference))
+    inputs = _Inputs(sources=sources, preference=_load_preference(preference), **_load_views(atlas, mined, maps))
     sections = {"compare": bool(sources), "preference": inputs.preference is not None}
     tmp = _prepare_out(out)
     try:
@@ -309,7 +313,8 @@ def build_report(
             "n_layers": atlas.n_layers, "n_heads": atlas.n_heads,
             "sections": ["overview", "heads", *[name for name, on in sections.items() if on]],
             "inputs": {"atlas": atlas_dir, "compare": [str(p) for p in compare],
-                       "preference": None if preference is None else str(preference)},
+                       "preference": None if preference is None else str(preference),
+                       "mined": None if mined is None else str(mined), "maps": [str(p) for p in maps]},
             "pages": sorted(str(p.relative_to(tmp)) for p in pages),
             "n_files": len(files) + 1, "bytes": sum(p.stat().st_size for p in files),
             "build_seconds": round(time.perf_counter() - started, 3),
@@ -333,6 +338,8 @@ class _Inputs:
 
     sources: list[CompareSource]
     preference: Any = None
+    mined: Any = None  # views_pages.MinedViews
+    maps: Any = None  # views_pages.MapsViews
 
 
 def _load_preference(folder: str | os.PathLike | None):
@@ -341,6 +348,21 @@ def _load_preference(folder: str | os.PathLike | None):
     from qkdissect.preference import load_preference
 
     return load_preference(folder)
+
+
+def _load_views(atlas: ModeAtlas, mined: str | os.PathLike | None, maps: Sequence[str | os.PathLike]) -> dict:
+    views: dict[str, Any] = {}
+    if mined is not None:
+        from qkdissect.mining import load_mined
+        from qkdissect.report.views_pages import MinedViews
+
+        views["mined"] = MinedViews(load_mined(mined), atlas)
+    if maps:
+        from qkdissect.report.views_pages import MapsViews
+        from qkdissect.views import load_maps
+
+        views["maps"] = MapsViews([load_maps(folder) for folder in maps], atlas)
+    return views
 
 
 def _write_pages(tmp: Path, atlas: ModeAtlas, atlas_dir: str | None, inputs: _Inputs,
@@ -363,13 +385,15 @@ def _write_pages(tmp: Path, atlas: ModeAtlas, atlas_dir: str | None, inputs: _In
         width, height = _png_size(path)
         figures.append({"src": f"img/{path.name}", "alt": alt, "caption": caption, "width": width, "height": height})
     card, provenance = _model_card(atlas, atlas_dir)
+    views = _views_summary(inputs, tables)
     extras = [(f"{name}.html", text) for name, text in (("preference", "Attention preference between objects"),
                                                          ("compare", "Comparison with other models"))
               if sections[name]]
     pages = [tmp / "index.html"]
     pages[0].write_text(env.get_template("index.html.j2").render(
         **common, page="overview", root="", nav={}, card=card, provenance=provenance, legend=_legend(tables),
-        heat=_heat_rows(tables), figures=figures, layers=atlas.layer_summary(), extras=extras), encoding="utf-8")
+        heat=_heat_rows(tables), figures=figures, layers=atlas.layer_summary(), extras=extras, views=views),
+        encoding="utf-8")
     if inputs.sources:
         from qkdissect.report.sources import compare_context
 
@@ -388,6 +412,10 @@ def _write_pages(tmp: Path, atlas: ModeAtlas, atlas_dir: str | None, inputs: _In
             encoding="utf-8")
         if preference_mismatch(inputs.preference, atlas) is None:
             per_head["preference"] = lambda l, h: head_preference(inputs.preference, l, h)
+    if inputs.mined is not None:
+        per_head["mined"] = lambda l, h: inputs.mined.head(l, h, images, "../img/")
+    if inputs.maps is not None:
+        per_head["maps"] = lambda l, h: inputs.maps.head(l, h, images, "../img/")
     heads = tmp / "heads"
     heads.mkdir()
     template = env.get_template("head.html.j2")
@@ -397,11 +425,23 @@ def _write_pages(tmp: Path, atlas: ModeAtlas, atlas_dir: str | None, inputs: _In
         path = heads / tables.page(layer, head)
         context = _head_context(tables, layer, head)
         context.update({name: make(layer, head) for name, make in per_head.items()})
+        if context["mined"]:
+            context["mined_modes"] = {m["mode"] for m in context["mined"]["modes"]}
         path.write_text(template.render(**common, **context), encoding="utf-8")
         pages.append(path)
         if progress is not None:
             progress(index + 1, total)
     return pages
+
+
+def _views_summary(inputs: _Inputs, tables: _AtlasTables) -> dict[str, Any] | None:
+    """What the overview says about the image views: the mining run and the heads with maps."""
+    if inputs.mined is None and inputs.maps is None:
+        return None
+    mined = inputs.mined.summary() if inputs.mined is not None else None
+    heads = [] if inputs.maps is None else [
+        {"layer": l, "head": h, "href": tables.page(l, h, "heads/") + "#maps"} for l, h in inputs.maps.heads()]
+    return {"mined": mined, "map_heads": heads}
 
 
 def load_report(directory: str | os.PathLike) -> dict[str, Any]:

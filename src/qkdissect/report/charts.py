@@ -63,7 +63,8 @@ def _fmt(value: float) -> str:
 
 
 class _Frame:
-    """Maps data to viewBox coordinates: x = mode k (1..r) in slots, y = linear in [y_lo, y_hi]."""
+    """Maps data to viewBox coordinates: x = mode k (0..r−1, 0 = largest σ) in slots, y = linear in
+    [y_lo, y_hi]."""
 
     def __init__(self, r: int, y_lo: float, y_hi: float):
         self.r, self.y_lo, self.y_hi = r, y_lo, y_hi
@@ -71,8 +72,8 @@ class _Frame:
         self.slot = self.width / r
 
     def x(self, k: int) -> float:
-        """Centre of the slot of mode k (1-based)."""
-        return _LEFT + (k - 0.5) * self.slot
+        """Centre of the slot of mode k (0-based)."""
+        return _LEFT + (k + 0.5) * self.slot
 
     def y(self, value: float) -> float:
         return _TOP + (self.y_hi - value) / (self.y_hi - self.y_lo) * self.height
@@ -87,7 +88,7 @@ class _Frame:
                          f'<text class="tick" x="{_LEFT - 4}" y="{y + 3:.1f}" text-anchor="end">{_fmt(tick)}</text>')
         step = max(1, math.ceil(self.r / 10))
         step = next((s for s in (1, 2, 4, 5, 8, 10, 16, 20, 25, 32, 40, 50, 64, 100) if s >= step), step)
-        for k in [1, *range(step, self.r + 1, step)]:
+        for k in range(0, self.r, step):
             parts.append(f'<text class="tick" x="{self.x(k):.1f}" y="{_TOP + self.height + 12}" '
                          f'text-anchor="middle">{k}</text>')
         parts.append(f'<text class="label" x="{_LEFT + self.width / 2:.1f}" y="{_H - 4}" '
@@ -103,9 +104,9 @@ def _svg(parts: Sequence[str], label: str, css_class: str) -> Markup:
 
 
 def spectrum_svg(S: Sequence[float], degenerate: Sequence[int] = ()) -> Markup:
-    """Bar chart of the singular values σ_1 ≥ … ≥ σ_r (bar height ∝ σ_k from 0).
+    """Bar chart of the singular values σ_0 ≥ … ≥ σ_{r−1} (bar height ∝ σ_k from 0; modes 0-based).
 
-    ``degenerate``: 0-based k where (σ_k − σ_{k+1})/σ_1 is below the tolerance; both bars of such
+    ``degenerate``: k where (σ_k − σ_{k+1})/σ_0 is below the tolerance; both bars of such
     a pair are drawn in orange (their singular vectors are not individually defined).
     """
     S = [float(s) for s in S]
@@ -116,12 +117,12 @@ def spectrum_svg(S: Sequence[float], degenerate: Sequence[int] = ()) -> Markup:
     parts = frame.axes("σ_k")
     bar = frame.slot * 0.8
     base = frame.y(0.0)
-    for k, sigma in enumerate(S, start=1):
+    for k, sigma in enumerate(S):
         y = frame.y(sigma)
-        cls = "bar degenerate" if (k - 1) in flagged else "bar"
+        cls = "bar degenerate" if k in flagged else "bar"
         parts.append(f'<rect class="{cls}" data-k="{k}" data-value="{sigma:.6g}" x="{frame.x(k) - bar / 2:.2f}" '
                      f'y="{y:.2f}" width="{bar:.2f}" height="{base - y:.2f}"><title>mode {k}: σ = {sigma:.4g}'
-                     f'{" (near-degenerate)" if (k - 1) in flagged else ""}</title></rect>')
+                     f'{" (near-degenerate)" if k in flagged else ""}</title></rect>')
     return _svg(parts, f"singular values of {r} modes", "spectrum")
 
 
@@ -133,7 +134,7 @@ def cosine_range(cosines: Sequence[float], band: tuple[float, float]) -> tuple[f
 
 
 def cosine_svg(cosines: Sequence[float], S: Sequence[float], band: tuple[float, float]) -> Markup:
-    """Per-mode cosine u_k·v_k as dots against the null band (grey); dot area ∝ σ_k/σ_1.
+    """Per-mode cosine u_k·v_k as dots against the null band (grey); dot area ∝ σ_k/σ_0.
 
     Red: above the band, blue: below it, grey: inside. y range from :func:`cosine_range`.
     """
@@ -149,7 +150,7 @@ def cosine_svg(cosines: Sequence[float], S: Sequence[float], band: tuple[float, 
     parts.append(f'<line class="zero" x1="{_LEFT}" y1="{frame.y(0):.2f}" x2="{_LEFT + frame.width}" '
                  f'y2="{frame.y(0):.2f}"/>')
     s_max = max(S) if S and max(S) > 0 else 1.0
-    for k, (cos, sigma) in enumerate(zip(cosines, S), start=1):
+    for k, (cos, sigma) in enumerate(zip(cosines, S)):
         color, where = (ABOVE, "above") if cos > hi else (BELOW, "below") if cos < lo else (INSIDE, "inside")
         radius = 1.8 + 3.2 * math.sqrt(max(sigma, 0.0) / s_max)
         parts.append(f'<circle class="dot {where}" data-k="{k}" data-value="{cos:.6f}" cx="{frame.x(k):.2f}" '
