@@ -514,3 +514,24 @@ def test_views_from_other_modes_are_refused(atlas_dir, second_atlas, mined_dir, 
     with pytest.raises(QKDissectError, match="not a finished `qkdissect mine` folder"):
         build_report(atlas_dir, tmp_path / "r4", mined=tmp_path)
     assert not any((tmp_path / f"r{i}").exists() for i in range(1, 5))
+
+
+def test_a_mined_image_gone_since_mining_is_a_grey_tile_and_a_warning(atlas_dir, mined_dir, image_folder, tmp_path):
+    from qkdissect.mining import load_mined
+
+    mined = load_mined(mined_dir)
+    moved = tmp_path / "moved"
+    shutil.copytree(image_folder, moved)
+    document = json.loads((mined_dir / "mined.json").read_text())
+    copy = tmp_path / "mined"
+    shutil.copytree(mined_dir, copy)
+    (copy / "mined.json").write_text(json.dumps({**document, "image_root": str(moved)}))
+    (moved / "coffee.png").unlink()
+    report = build_report(atlas_dir, tmp_path / "report", mined=copy)
+    assert len(report.warnings) == 1 and "coffee.png" in report.warnings[0]
+    assert load_report(report.out)["warnings"] == list(report.warnings)
+    rows = [(layer, head, mode, s) for layer in mined.layers for head in range(N_HEADS) for mode in (0, 2)
+            for s in (0, 1) if any(r["relative_path"] == "coffee.png" for r in mined.top(layer, head, mode, s))]
+    layer, head, mode, s = rows[0]
+    text = (report.out / "heads" / head_page_name(layer, head, N_LAYERS, N_HEADS)).read_text()
+    assert "coffee.png (not readable now)" in text

@@ -63,4 +63,6 @@ def register(app: typer.Typer) -> None:
         table.add_row("size", f"{result.n_bytes / 1e6:.2f} MB")
         table.add_row("time", f"{result.seconds:.2f} s")
         console.print(table)
+        for warning in result.warnings:
+            console.print(f"[yellow]{escape(warning)}[/]")
         console.print(escape(f"open {result.index} in a browser (works offline, from disk)"))

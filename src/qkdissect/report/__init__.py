@@ -11,10 +11,12 @@ Output folder (everything local; open ``index.html`` from disk, no server, no ne
                                       loading="lazy"> files under img/
     compare.html                      with --compare: several models by relative depth
     preference.html                   with --preference: same / different / background attention by depth
-    img/*.png                         figures (matplotlib) and image files the pages show
+    img/*.png                         figures (matplotlib): layer_similarity, mode_cosines, compare*, preference*
+    img/mined/L<ll>/H<hh>/m<kkk>_<pos|neg>_<rank>.jpg   top-image tiles with query/key overlays (--mined)
+    img/maps/<nn>/<item>_<mode|strip>.png              figures copied from maps folders (--maps)
     report.json                       manifest: {"format": "qkdissect-report", "format_version", "model",
                                       "n_layers", "n_heads", "sections", "inputs", "pages", "n_files",
-                                      "bytes", "build_seconds", "created", "versions"}; read with
+                                      "bytes", "warnings", "build_seconds", "created", "versions"}; read with
                                       :func:`load_report`
 
 Each page inlines its CSS and JS (one small hand-written stylesheet and script from ``static/``) and
@@ -64,6 +66,7 @@ class ReportResult:
     n_bytes: int
     seconds: float
     sections: tuple[str, ...]
+    warnings: tuple[str, ...] = ()
 
 
 def head_page_name(layer: int, head: int, n_layers: int, n_heads: int) -> str:
@@ -317,6 +320,7 @@ def build_report(
                        "mined": None if mined is None else str(mined), "maps": [str(p) for p in maps]},
             "pages": sorted(str(p.relative_to(tmp)) for p in pages),
             "n_files": len(files) + 1, "bytes": sum(p.stat().st_size for p in files),
+            "warnings": _warnings(inputs, atlas),
             "build_seconds": round(time.perf_counter() - started, 3),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": library_versions(),
         }
@@ -329,7 +333,23 @@ def build_report(
                         n_head_pages=atlas.n_layers * atlas.n_heads,
                         n_images=sum(p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") for p in files),
                         n_bytes=manifest["bytes"], seconds=time.perf_counter() - started,
-                        sections=tuple(manifest["sections"]))
+                        sections=tuple(manifest["sections"]), warnings=tuple(manifest["warnings"]))
+
+
+def _warnings(inputs: "_Inputs", atlas: ModeAtlas) -> list[str]:
+    """Things the user should know about the report just written."""
+    notes = []
+    if inputs.mined is not None and inputs.mined.missing:
+        missing = sorted(inputs.mined.missing)
+        notes.append(f"{len(missing)} mined image(s) could not be read now (moved or deleted?), shown as grey tiles: "
+                     + ", ".join(missing[:5]) + (" …" if len(missing) > 5 else ""))
+    if inputs.preference is not None:
+        from qkdissect.report.preference_page import preference_mismatch
+
+        mismatch = preference_mismatch(inputs.preference, atlas)
+        if mismatch:
+            notes.append(mismatch)
+    return notes
 
 
 @dataclass(frozen=True)
