@@ -119,7 +119,8 @@ def test_files_manifest_and_local_references(report):
 
 def test_content_security_policy_admits_exactly_the_inlined_script(report):
     elements = parse(report.index)
-    csp = next(a["content"] for t, a in elements.tags if t == "meta" and a.get("http-equiv") == "Content-Security-Policy")
+    csp = next(a["content"] for t, a in elements.tags
+               if t == "meta" and a.get("http-equiv") == "Content-Security-Policy")
     assert "default-src 'none'" in csp and "connect-src" not in csp  # default 'none' covers fetch/XHR
     digest = base64.b64encode(hashlib.sha256(elements.scripts[0].encode()).digest()).decode()
     assert f"'sha256-{digest}'" in csp and "unsafe-inline' " not in csp.split("script-src")[1]
@@ -419,7 +420,7 @@ def query_key_maps(vit, image_path: Path, layer: int, u: torch.Tensor, v: torch.
     from qkdissect.images import open_image
 
     captured = {}
-    handle = vit.blocks[layer].norm1.register_forward_hook(lambda module, args, output: captured.setdefault("x", output))
+    handle = vit.blocks[layer].norm1.register_forward_hook(lambda module, args, out: captured.setdefault("x", out))
     with torch.no_grad():
         vit(wrap_model(vit).preprocessing(open_image(image_path))[None])
     handle.remove()
@@ -451,7 +452,8 @@ def test_top_image_tiles_show_the_right_maps_for_each_sign(views_report, mined_d
                 shown = [a for a in tiles if a["alt"].startswith(f"mode {mode} sign {sign} ")]
                 assert [a["title"] for a in shown] == [r["relative_path"] for r in rows]
                 # the tile's red − cyan difference follows the documented overlay intensities of this image's
-                # q and k maps for this sign, recomputed here: clip((s·m − max(0, median s·m)) / (max s·m − that), 0, 1)
+                # q and k maps for this sign, recomputed here:
+                # clip((s·m − max(0, median s·m)) / (max s·m − that), 0, 1)
                 factor = 1.0 if sign == "+" else -1.0
                 U, V = atlas.layers[layer].U[head, :, mode], atlas.layers[layer].V[head, :, mode]
                 first = next((a for a, r in zip(shown, rows) if r["score"] > 0), None)
@@ -478,7 +480,8 @@ def test_file_names_from_user_data_are_escaped(views_report):
     for page in sorted((views_report.out / "heads").glob("*.html")):
         text = page.read_text()
         assert "a<b>" not in text and "<b>" not in text
-    evil_pages = [p for p in (views_report.out / "heads").glob("*.html") if "a&lt;b&gt;&amp;&#34;c.png" in p.read_text()]
+    evil_pages = [p for p in (views_report.out / "heads").glob("*.html")
+                  if "a&lt;b&gt;&amp;&#34;c.png" in p.read_text()]
     assert evil_pages  # the file shows up (as text) among top images and in the maps section
 
 

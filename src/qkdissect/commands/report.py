@@ -36,7 +36,9 @@ def register(app: typer.Typer) -> None:
 
         index.html: model card, layer-similarity figure, a layer × head heat map of the weighted cosine
         (click a cell for the head). One page per head with its spectrum, per-mode cosines against the
-        null and a table of modes. Keys on head pages: ←/→ head, ↑/↓ layer, Esc or h: overview.
+        null and a table of modes, plus the top images of its leading modes (--mined), its per-image
+        maps (--maps) and its attention preference (--preference). preference.html and compare.html
+        when those inputs are given. Keys on head pages: ←/→ head, ↑/↓ layer, Esc or h: overview.
         """
         from qkdissect.decomposition import ModeAtlas
         from qkdissect.report import build_report

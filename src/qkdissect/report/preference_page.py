@@ -70,7 +70,8 @@ def _prediction_rows(result, query: str) -> tuple[list[str], list[dict[str, Any]
 
 def _head_grid(result, page_of, n_heads: int) -> dict[str, Any]:
     """Layer × head grid of log₂(area-normalised same-object attention of target queries)."""
-    index = (QUERIES.index("target"), result.sources.index("measured"), VARIANTS.index("area"), CATEGORIES.index("same"))
+    index = (QUERIES.index("target"), result.sources.index("measured"), VARIANTS.index("area"),
+             CATEGORIES.index("same"))
     curve = result.head[(slice(None), slice(None), *index)].mean  # (L, H)
     with np.errstate(divide="ignore", invalid="ignore"):
         logs = np.log2(np.asarray(curve, dtype=np.float64))
@@ -152,6 +153,7 @@ def head_preference(result, layer: int, head: int) -> dict[str, Any] | None:
     for query in QUERIES:
         raw = [_interval_text(result.curve(query, "measured", "raw", c, head=head), index) for c in CATEGORIES]
         rows.append({"query": query, "n": result.n_images(query), "raw": raw,
-                     "area": [_f(result.curve(query, "measured", "area", c, head=head).mean[index]) for c in CATEGORIES],
+                     "area": [_f(result.curve(query, "measured", "area", c, head=head).mean[index])
+                              for c in CATEGORIES],
                      "layer_raw": [_f(result.curve(query, "measured", "raw", c).mean[index]) for c in CATEGORIES]})
     return {"rows": rows}

@@ -108,7 +108,8 @@ def read_compare_sources(paths: Sequence[str | os.PathLike]) -> list[CompareSour
 
 def _unique_labels(labels: list[str], sources: list[str]) -> list[str]:
     """Append the source folder's name to labels that occur more than once (then a counter if still equal)."""
-    result = [f"{label} ({Path(src).name})" if labels.count(label) > 1 else label for label, src in zip(labels, sources)]
+    result = [f"{label} ({Path(src).name})" if labels.count(label) > 1 else label
+              for label, src in zip(labels, sources)]
     counts = {label: result.count(label) for label in result}
     seen: dict[str, int] = {}
     for index, label in enumerate(result):
@@ -152,7 +153,8 @@ def compare_context(atlas: ModeAtlas, atlas_dir: str | None, sources: list[Compa
             for layer in range(max(m.n_layers for m in models))]
     table = [{"label": label, "model": m.model, "family": m.family, "n_layers": m.n_layers,
               "n_heads": m.n_heads if m.n_heads is not None else "?",
-              "d_model": m.d_model if m.d_model is not None else "?", "d_head": m.d_head if m.d_head is not None else "?",
+              "d_model": m.d_model if m.d_model is not None else "?",
+              "d_head": m.d_head if m.d_head is not None else "?",
               "band": m.band, "means": m.means, "overall": sum(m.means) / len(m.means), "above": m.above,
               "source": m.source} for m, label in zip(models, labels)]
     return {"models": table, "layer_rows": rows, "figures": figures}
