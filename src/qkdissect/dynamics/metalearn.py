@@ -70,7 +70,8 @@ class LearnerTrace:
         recovery: ``(T, B, r)`` m_α(t) = u_αᵀ W_2W_1 v_α / s_α per task.
         effective_a0: ``(B, r)`` a_eff = ‖W_2ᵀu_α + W_1v_α‖²/4 at init (Saxe's depth-2 curve with
             this a₀ predicts the mean dynamics, see ``simulate.effective_initial_strength``).
-        loss: ``(T,)`` mean ½‖W − W_2W_1‖²_F / Σs² over tasks (expected per-sample error, relative).
+        loss: ``(T,)`` mean ‖W − W_2W_1‖²_F / Σs² over tasks (the expected error on a fresh sample,
+            relative: 1 = predicting 0).
     """
 
     steps: np.ndarray
@@ -114,7 +115,7 @@ def sgd_learner(
             p = w2 @ w1
             steps.append(t)
             recs.append(mode_recovery(task, p))
-            losses.append(float(0.5 * ((p - target) ** 2).sum((-1, -2)).mean() / norm))
+            losses.append(float(((p - target) ** 2).sum((-1, -2)).mean() / norm))
         if t == n_steps:
             break
         x, y = sample_episode(task, b, noise=noise, generator=g)
