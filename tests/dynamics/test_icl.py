@@ -126,6 +126,27 @@ def test_cosines_of_hand_built_omega_identity_block(sign: float) -> None:
     assert head["full_weighted_cosine"] == pytest.approx(full, abs=1e-9)
     assert abs(head["full_weighted_cosine"] - sign) > 0.1  # reported separately, and different
     assert stats["atlas"].weighted_cosines[0, 0] == pytest.approx(full, abs=1e-9)
+    (group,) = stats["sign_groups"]  # the other heads are zero: one group, head 0
+    assert group["heads"] == [0] and group["sign"] == sign
+    assert group["weighted_cosine"] == pytest.approx(sign, abs=1e-9)
+    assert group["relative_distance_from_omega_identity"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_heads_that_split_the_x_space_sum_to_omega_identity() -> None:
+    model = _gd_model(1.0)
+    with torch.no_grad():  # head 0 keeps x-coordinates 0, 1; head 1 takes coordinate 2: M_0 + M_1 = I
+        model.layers[0].W_q[0, 2, 2] = 0.0
+        model.layers[0].W_k[0, 2, 2] = 0.0
+        model.layers[0].W_q[1, 0, 2] = 1.0
+        model.layers[0].W_k[1, 0, 2] = 1.0
+    stats = cosine_statistics(model, null_samples=20)
+    heads = stats["heads"]
+    assert heads[0]["xx_relative_distance_from_omega_identity"] > 0.3
+    assert heads[1]["xx_relative_distance_from_omega_identity"] > 0.3
+    assert heads[0]["xx_weighted_cosine"] == pytest.approx(1.0) and heads[1]["xx_weighted_cosine"] == pytest.approx(1.0)
+    (group,) = stats["sign_groups"]
+    assert group["heads"] == [0, 1] and group["omega"] == pytest.approx(1.0)
+    assert group["relative_distance_from_omega_identity"] == pytest.approx(0.0, abs=1e-12)
 
 
 @pytest.mark.parametrize("attention", ["softmax", "linear"])
@@ -218,3 +239,10 @@ def test_schedule_and_bad_inputs() -> None:
         probe_icl(model, make_prior_tasks([1.0], N_X + 1, N_Y, n_tasks=2))
     with pytest.raises(QKDissectError, match="ICLBatch"):
         qkdissect.adapters.wrap_model(model).adapter.forward(torch.zeros(1, 3, N_X + N_Y))
+    tasks = make_prior_tasks([1.0], N_X, N_Y, n_tasks=4)
+    small = ICLTransformer(N_X, N_Y, n_heads=1, context=4)
+    with pytest.raises(QKDissectError, match="optimizer"):
+        train_icl(small, tasks, tasks, n_steps=2, optimizer="rmsprop")
+    before = small.layers[0].W_q.detach().clone()
+    log = train_icl(small, tasks, tasks, n_steps=3, batch=2, lr=0.5, optimizer="sgd", n_checkpoints=2)
+    assert log.steps.tolist() == checkpoint_schedule(3, 2).tolist() and not torch.equal(before, small.layers[0].W_q)

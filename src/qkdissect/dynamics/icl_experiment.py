@@ -205,6 +205,9 @@ def _findings(v: dict[str, Any]) -> dict[str, Any]:
         "outer_loop_strongest_first": oc.get("order_matches_strengths"),
         "in_context_concurrent": None if ic is None else bool(ic < INDEX_THRESHOLD),
         "kq_xx_close_to_omega_identity": bool(np.median(abs_xx) > 0.95),
+        "kq_xx_each_head_omega_identity": bool(np.median(dist) < 0.1),
+        "kq_xx_same_sign_sum_omega_identity": bool(all(
+            g["relative_distance_from_omega_identity"] < 0.1 for g in v["cosines"]["sign_groups"])),
         "kq_xx_sign_groups": [{k: g[k] for k in ("layer", "sign", "heads", "omega",
                                                    "relative_distance_from_omega_identity")}
                               for g in v["cosines"]["sign_groups"]],
@@ -213,7 +216,8 @@ def _findings(v: dict[str, Any]) -> dict[str, Any]:
         "n_heads_omega_positive": int(sum(h["omega"] > 0 for h in heads)),
         "n_heads_omega_negative": int(sum(h["omega"] < 0 for h in heads)),
         "threshold": f"staggered if index > {INDEX_THRESHOLD}, concurrent if index < {INDEX_THRESHOLD}; "
-                     "KQ x-x block ~ omega*I if the median |weighted cosine| over heads > 0.95",
+                     "KQ x-x block ~ omega*I (by cosine) if the median |weighted cosine| over heads > 0.95; "
+                     "(by distance) if the relative Frobenius distance from omega*I < 0.1",
     }
 
 

@@ -310,7 +310,7 @@ def _mode_colors(n: int) -> np.ndarray:
 def _conc_label(c: dict) -> str:
     idx = c["index"]
     ok = idx is not None and bool(np.isfinite(idx))
-    return f"concurrency index {f'{idx:.2f}' if ok else 'n/a'}{' (censored*)' if c['censored'] and ok else ''}"
+    return f"concurrency index {f'{idx:.2f}' if ok else 'n/a'}{' (censored)' if c['censored'] and ok else ''}"
 
 
 def plot_metalearn(
@@ -385,7 +385,7 @@ def plot_metalearn(
     ax.set_ylabel("std / mean of half-recovery points")
     ax.set_title("(d) concurrency index\n(0 = all modes at once)", fontsize=10)
     if any(systems[n]["concurrency"]["censored"] for n in names):
-        ax.text(0.02, -0.2, "* censored: some mode never reached 0.5\n  (counted at the last k)", fontsize=7,
+        ax.text(0.02, -0.2, "* censored: some mode never reached 0.5\n  (counted at the last record)", fontsize=7,
                 transform=ax.transAxes, va="top")
     return _save(fig, path)
 
@@ -512,12 +512,13 @@ def plot_icl_cosines(path: str | Path, variants: Sequence[dict]) -> Path:
         x = np.arange(len(heads))
         full = [h["full_weighted_cosine"] for h in heads]
         xx = [h["xx_weighted_cosine"] for h in heads]
-        ax.bar(x - 0.2, full, 0.4, color="tab:blue", label="full W_QᵀW_K")
-        ax.bar(x + 0.2, xx, 0.4, color="tab:red", label="x–x block")
+        ax.bar(x - 0.2, full, 0.4, color="tab:blue", label="full W_QᵀW_K", zorder=2)
+        ax.bar(x + 0.2, xx, 0.4, color="tab:red", label="x–x block", zorder=2)
         lo, hi = cos["null_full"]["weighted_band"]
-        ax.axhspan(lo, hi, color="tab:blue", alpha=0.12, label=f"null {cos['null_full']['percentile']:g}% (full)")
+        ax.axhspan(lo, hi, color="tab:blue", alpha=0.12, zorder=0,
+                   label=f"null {cos['null_full']['percentile']:g}% band (full)")
         lo, hi = cos["null_xx"]["weighted_band"]
-        ax.axhspan(lo, hi, color="tab:red", alpha=0.12, label="null (x–x block)")
+        ax.axhspan(lo, hi, color="tab:red", alpha=0.12, zorder=0, label="null band (x–x block)")
         for i, h in enumerate(heads):
             ax.text(i, 1.08, f"ω={h['omega']:.2f}", ha="center", fontsize=7)
         ax.set_xticks(x)
