@@ -10,13 +10,32 @@
   (torch) and initialisations; :mod:`~qkdissect.dynamics.sweep` — depth sweep.
 * :mod:`~qkdissect.dynamics.generalization` / :mod:`~qkdissect.dynamics.transfer` — Lampinen &
   Ganguli's train/test theory, optimal stopping, shrinkage, transfer; simulations.
-* :mod:`~qkdissect.dynamics.experiments` / :mod:`~qkdissect.dynamics.cli` — the
+* :mod:`~qkdissect.dynamics.incontext` — the in-context regression setting shared by learners,
+  meta-learners and transformers (task priors, mode recovery m_α, concurrency index);
+  :mod:`~qkdissect.dynamics.estimators` — min-norm / ridge / Bayes estimators and closed forms.
+* :mod:`~qkdissect.dynamics.metalearn` — SGD learners and the LSTM meta-learner (spec §3).
+* :mod:`~qkdissect.dynamics.icl_model`, :mod:`~qkdissect.dynamics.icl`,
+  :mod:`~qkdissect.dynamics.icl_adapter` — the in-context regression transformer, its training,
+  probing and dissection, and its qkdissect adapter (spec §4).
+* :mod:`~qkdissect.dynamics.experiments`, :mod:`~qkdissect.dynamics.meta_experiments`,
+  :mod:`~qkdissect.dynamics.icl_experiment` / :mod:`~qkdissect.dynamics.cli` — the
   ``qkdissect dynamics`` commands.
 
 Conventions: singular vectors are columns (W = U diag(s) Vᵀ); time in epochs (= full-batch
 gradient steps), τ = 1/lr; a₀ is the initial strength of the network's *product* on a mode.
 """
 
+from qkdissect.dynamics.estimators import (
+    ESTIMATORS,
+    EstimatorRecovery,
+    bayes_estimate,
+    estimator_recovery,
+    min_norm_estimate,
+    min_norm_recovery,
+    min_norm_recovery_sd,
+    prior_row_covariance,
+    ridge_estimate,
+)
 from qkdissect.dynamics.generalization import (
     ERROR_DEFINITIONS,
     GeneralizationSimulation,
@@ -26,6 +45,34 @@ from qkdissect.dynamics.generalization import (
     shrinkage_estimate,
     shrinkage_sweep,
     simulate_generalization,
+)
+from qkdissect.dynamics.icl import (
+    ICLProbe,
+    ICLTrainLog,
+    cosine_statistics,
+    load_checkpoint,
+    probe_icl,
+    train_icl,
+    weight_spectra,
+)
+from qkdissect.dynamics.icl_model import ICLBatch, ICLTransformer, icl_batch, icl_mask
+from qkdissect.dynamics.incontext import (
+    PRIORS,
+    Concurrency,
+    concurrency,
+    half_recovery_points,
+    make_prior_tasks,
+    mode_recovery,
+    sample_episode,
+)
+from qkdissect.dynamics.metalearn import (
+    LearnerTrace,
+    LSTMMetaLearner,
+    LSTMProbe,
+    MetaTrainLog,
+    meta_train,
+    probe_lstm,
+    sgd_learner,
 )
 from qkdissect.dynamics.rmt import (
     detection_threshold,
@@ -124,4 +171,41 @@ __all__ = [
     "transfer_theory",
     "TransferSimulation",
     "simulate_transfer",
+    # in-context setting and ideal estimators
+    "PRIORS",
+    "make_prior_tasks",
+    "sample_episode",
+    "mode_recovery",
+    "Concurrency",
+    "concurrency",
+    "half_recovery_points",
+    "ESTIMATORS",
+    "min_norm_estimate",
+    "ridge_estimate",
+    "bayes_estimate",
+    "prior_row_covariance",
+    "min_norm_recovery",
+    "min_norm_recovery_sd",
+    "EstimatorRecovery",
+    "estimator_recovery",
+    # learners and meta-learners
+    "LearnerTrace",
+    "sgd_learner",
+    "LSTMMetaLearner",
+    "MetaTrainLog",
+    "meta_train",
+    "LSTMProbe",
+    "probe_lstm",
+    # in-context transformers
+    "ICLBatch",
+    "ICLTransformer",
+    "icl_batch",
+    "icl_mask",
+    "ICLTrainLog",
+    "train_icl",
+    "load_checkpoint",
+    "ICLProbe",
+    "probe_icl",
+    "weight_spectra",
+    "cosine_statistics",
 ]

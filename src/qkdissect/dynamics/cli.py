@@ -20,9 +20,9 @@ from qkdissect.errors import QKDissectError
 
 app = typer.Typer(
     name="dynamics",
-    help="Learning dynamics of singular modes in deep linear networks: exact theory "
-    "(Saxe et al.), random-matrix generalisation theory and transfer (Lampinen & Ganguli), "
-    "and simulations that check them.",
+    help="Learning dynamics of singular modes: deep linear networks (Saxe et al.), random-matrix "
+    "generalisation theory and transfer (Lampinen & Ganguli), learners vs meta-learners (Rabinowitz), "
+    "and the QK modes of in-context regression transformers.",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -275,6 +275,134 @@ def transfer(
             _fmt(r["benefit_sim"], "+.3f"),
         )
     console.print(table)
+
+
+def _apply_quick(kwargs: dict[str, Any], quick: bool, settings: dict[str, Any]) -> dict[str, Any]:
+    return {**kwargs, **settings} if quick else kwargs
+
+
+def _conc(c: dict[str, Any]) -> str:
+    idx = c.get("index")
+    if idx is None:
+        return "n/a"
+    return f"{idx:.3f}" + (" (censored)" if c.get("censored") else "")
+
+
+QUICK_HELP = "Tiny settings for tests (< 1 min): overrides the size options."
+
+
+@app.command()
+@_fail_cleanly
+def metalearn(
+    strengths: str = typer.Option("4,3,2,1.5,1,0.7,0.5,0.3", help="Task spectrum s_α (fixed for every task)."),
+    n_x: int = typer.Option(8, help="Input dimension N_x."),
+    n_y: int = typer.Option(8, help="Output dimension N_y."),
+    prior: str = typer.Option("rotation", help="rotation (U, V Haar per task) | aligned (V = input axes)."),
+    noise: float = typer.Option(0.0, help="Observation noise σ (targets y = Wx + σε)."),
+    ridge: float = typer.Option(1.0, help="Ridge λ of the ridge estimator."),
+    meta_steps: int = typer.Option(20_000, help="LSTM meta-training steps (one batch of episodes each)."),
+    hidden: int = typer.Option(128, help="LSTM hidden units."),
+    batch: int = typer.Option(64, help="Episodes per meta-step."),
+    episode_length: int = typer.Option(20, help="Samples per episode (m_α(k) for k = 0 … length−1)."),
+    meta_lr: float = typer.Option(1e-3, help="Adam learning rate (cosine decay to 0)."),
+    train_tasks: int = typer.Option(50_000, help="Size of the meta-training task pool."),
+    test_tasks: int = typer.Option(512, help="Held-out tasks on which every system is evaluated."),
+    learner_steps: int = typer.Option(3000, help="SGD steps of each fresh learner."),
+    learner_lr: float = typer.Option(0.01, help="SGD learning rate of the learners (τ = 1/lr steps)."),
+    learner_batch: int = typer.Option(8, help="Samples per SGD step."),
+    learner_hidden: int = typer.Option(32, help="Hidden width of the 2-layer linear learners."),
+    seed: int = typer.Option(0, help="Random seed (every derived seed is recorded)."),
+    quick: bool = typer.Option(False, "--quick", help=QUICK_HELP),
+    threads: int = typer.Option(1, help=THREADS_HELP),
+    out: str = typer.Option("metalearn", help=OUT_HELP),
+) -> None:
+    """Learner vs ideal estimators vs LSTM meta-learner: staggered or concurrent mode recovery."""
+    from qkdissect.dynamics.meta_experiments import QUICK_METALEARN, run_metalearn
+
+    _threads(threads)
+    kwargs = dict(n_x=n_x, n_y=n_y, prior=prior, noise=noise, ridge=ridge, meta_steps=meta_steps, hidden=hidden,
+                  batch=batch, episode_length=episode_length, meta_lr=meta_lr, n_train_tasks=train_tasks,
+                  n_test_tasks=test_tasks, learner_steps=learner_steps, learner_lr=learner_lr,
+                  learner_batch=learner_batch, learner_hidden=learner_hidden, seed=seed)
+    with _progress() as prog:
+        res = run_metalearn(out, _floats(strengths, "--strengths"), progress=prog,
+                            **_apply_quick(kwargs, quick, QUICK_METALEARN))
+    table = Table(title=f"metalearn: concurrency of mode recovery → {Path(out) / 'results.json'}")
+    for col in ("system", "x axis", "half points (per mode, strongest first)", "concurrency index"):
+        table.add_column(col, justify="right")
+    for name, sys_ in res["systems"].items():
+        hp = sys_["concurrency"]["half_points"]
+        pts = ", ".join("—" if v is None else f"{v:.3g}" for v in hp)
+        table.add_row(name, "samples seen" if name == "learner" else "k", pts, _conc(sys_["concurrency"]))
+    console.print(table)
+    r2 = res["systems"]["lstm"]["linearity_r2"]
+    console.print(f"LSTM held-out relative error {res['systems']['lstm']['meta_training']['test_loss'][-1]:.3f}; "
+                  f"probe linearity R² (min over k≥1) {min(v for v in r2[1:] if v is not None):.3f}; "
+                  f"total {res['timings_seconds']['total']:.0f} s, load {res['load_average']}")
+
+
+@app.command()
+@_fail_cleanly
+def icl(
+    strengths: str = typer.Option("3,2,1.5,1,0.5", help="Task spectrum s_α (unequal mode strengths)."),
+    n_x: int = typer.Option(5, help="Input dimension N_x."),
+    n_y: int = typer.Option(0, help="Output dimension N_y; 0 = N_x."),
+    attention: str = typer.Option("softmax,linear", help="Attention variants, comma-separated (softmax, linear)."),
+    prior: str = typer.Option("rotation,aligned", help="Task priors, comma-separated: rotation (U, V Haar per "
+                              "task, as in metalearn) and/or aligned (mode α reads input axis α)."),
+    layers: int = typer.Option(1, help="Attention layers."),
+    heads: int = typer.Option(4, help="Heads per layer."),
+    d_head: int = typer.Option(0, help="Head width; 0 = d_model = N_x + N_y."),
+    context: int = typer.Option(40, help="Context length N (queries see k = 0 … N samples)."),
+    steps: int = typer.Option(10_000, help="Training steps (outer-loop transitions happen in the first ~1000 "
+                              "at the defaults; later ones can follow)."),
+    batch: int = typer.Option(64, help="Tasks per step."),
+    lr: float = typer.Option(1e-3, help="Learning rate (constant)."),
+    optimizer: str = typer.Option("adam", help="adam | sgd."),
+    init_scale: float = typer.Option(0.1, help="Initial weights: init_scale · N(0, 1/fan_in) (small)."),
+    noise: float = typer.Option(0.0, help="Observation noise σ."),
+    ridge: float = typer.Option(1.0, help="Ridge λ of the ridge estimator."),
+    checkpoints: int = typer.Option(200, help="Checkpoints saved during training (3/4 geometric, 1/4 even)."),
+    train_tasks: int = typer.Option(50_000, help="Size of the training task pool."),
+    test_tasks: int = typer.Option(512, help="Held-out tasks for the in-context analysis."),
+    seed: int = typer.Option(0, help="Random seed (every derived seed is recorded)."),
+    quick: bool = typer.Option(False, "--quick", help=QUICK_HELP),
+    threads: int = typer.Option(1, help=THREADS_HELP),
+    out: str = typer.Option("icl", help=OUT_HELP),
+) -> None:
+    """Small transformers on in-context regression: outer-loop QK/OV modes, in-context recovery, cosines."""
+    from qkdissect.dynamics.icl_experiment import QUICK_ICL, run_icl
+
+    _threads(threads)
+    kwargs = dict(attentions=[a.strip() for a in attention.split(",") if a.strip()],
+                  priors=[p.strip() for p in prior.split(",") if p.strip()], n_x=n_x, n_y=n_y or None,
+                  layers=layers, heads=heads, d_head=d_head or None, context=context, steps=steps, batch=batch,
+                  lr=lr, optimizer=optimizer, init_scale=init_scale, noise=noise, ridge=ridge,
+                  n_checkpoints=checkpoints, n_train_tasks=train_tasks, n_test_tasks=test_tasks, seed=seed)
+    with _progress() as prog:
+        res = run_icl(out, _floats(strengths, "--strengths"), progress=prog, **_apply_quick(kwargs, quick, QUICK_ICL))
+    table = Table(title=f"icl: outer loop vs in context → {Path(out) / 'results.json'}")
+    for col in ("variant", "test error", "outer-loop index", "strongest first", "in-context index"):
+        table.add_column(col, justify="right")
+    for name, sm in res["summary"].items():
+        table.add_row(
+            name, f"{sm['final_test_loss']:.3f}", _fmt(sm["outer_loop_m_full_context_index"], ".3f"),
+            str(sm["outer_loop_m_full_context_strongest_first"]),
+            _fmt(sm["in_context_index"], ".3f") + (" (censored)" if sm["in_context_censored"] else ""),
+        )
+    console.print(table)
+    console.print("index = std/mean of the modes' half-points (0 = all at once); outer loop: m_α(N) over "
+                  "training steps; in context: m_α(k) over k.")
+    cos = Table(title="weighted cosine of W_QᵀW_K per head (x–x block | full matrix), ω = tr(M_xx)/N_x")
+    for col in ("variant", "head", "x–x block", "full", "ω"):
+        cos.add_column(col, justify="right")
+    for v in res["variants"]:
+        for h in v["cosines"]["heads"]:
+            cos.add_row(v["name"], f"L{h['layer']}H{h['head']}", f"{h['xx_weighted_cosine']:+.3f}",
+                        f"{h['full_weighted_cosine']:+.3f}", f"{h['omega']:+.3f}")
+    console.print(cos)
+    console.print(f"atlases: {', '.join(v['atlas'] for v in res['variants'])} (open with `qkdissect report`); "
+                  f"total {res['timings_seconds']['total']:.0f} s, load {res['load_average']}")
 
 
 def main() -> None:  # pragma: no cover - convenience entry point
