@@ -7,6 +7,15 @@ one CLS token, learned absolute position embeddings, no RoPE / QK-norm) learns f
 each world scene at once (``qkdissect.world``: the odd object's shape, colour, 3×3 position
 bin, and which feature makes it odd), one 27-logit head split per task, summed cross-entropy.
 
+Auxiliary dense objective (training only, not shipped): a LayerNorm + Linear(d_model, 3) reads
+the patch tokens after block ``--aux-block`` and predicts, per patch, the share of its area
+covered by the odd object / the other objects / background (soft cross-entropy, weight
+``--aux-weight``), from the exact scene masks. Without it, 650 steps of the CLS-only
+objective left the position task at chance (the model read the odd colour and a shape
+histogram but never located the odd object); the dense signal teaches the patch tokens to
+mark "I am part of the odd object", which needs comparison with the other objects.
+The shipped checkpoint is the plain timm VisionTransformer state dict (no auxiliary head).
+
 Deterministic: ``torch.manual_seed(seed)`` fixes the initialisation; training batch t is
 world samples t·B … (t+1)·B−1 of ``--data-seed`` (every image is fresh: no epochs, no
 overfitting to a finite set); held-out accuracy is measured in float32 on samples
@@ -36,7 +45,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from qkdissect.world import MEAN, STD, TASKS, WorldConfig, evaluate, generate, split_logits, to_tensor  # noqa: E402
+from qkdissect.world import (  # noqa: E402
+    MEAN, STD, TASKS, WorldConfig, evaluate, generate, patch_fractions, split_logits, to_tensor,
+)
 
 MONITOR_SEED = 3  # a third world set, only for progress printouts (never the held-out set)
 
@@ -61,6 +72,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=6)
     p.add_argument("--dim", type=int, default=192)
     p.add_argument("--mlp-ratio", type=float, default=2.0)
+    p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the per-patch odd/other/background loss")
+    p.add_argument("--aux-block", type=int, default=3, help="block whose output patch tokens the auxiliary loss reads")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bfloat16 autocast")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--time-limit", type=float, default=0.0,
@@ -92,6 +105,14 @@ def task_loss(logits: torch.Tensor, labels: dict[str, np.ndarray]) -> tuple[torc
         losses.append(F.cross_entropy(parts[task.name], target))
         correct[task.name] = float((parts[task.name].argmax(-1) == target).float().mean())
     return torch.stack(losses).sum(), correct
+
+
+def patch_targets(batch, patch: int) -> torch.Tensor:
+    """(B, N_patches, 3) shares of odd object / other objects / background per patch (row-major)."""
+    odd = patch_fractions(batch.target_masks, patch)
+    other = patch_fractions(batch.distractor_masks, patch)
+    target = np.stack([odd, other, 1.0 - odd - other], axis=-1)
+    return torch.from_numpy(target.reshape(len(target), -1, 3))
 
 
 def git_commit() -> str:
@@ -126,6 +147,10 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n)]
+    aux_head = torch.nn.Sequential(torch.nn.LayerNorm(args.dim), torch.nn.Linear(args.dim, 3))
+    captured: dict[str, torch.Tensor] = {}
+    model.blocks[args.aux_block].register_forward_hook(lambda _m, _i, out: captured.__setitem__("x", out))
+    no_decay += list(aux_head.parameters())
     optimiser = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.999))
     monitor = generate(MONITOR_SEED, 0, 256, config)
@@ -147,12 +172,15 @@ def main() -> None:
         model.train()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             logits = model(to_tensor(batch.images))
+            aux_logits = aux_head(captured["x"][:, model.num_prefix_tokens:])
         loss, correct = task_loss(logits, batch.labels)
+        aux_loss = -(patch_targets(batch, args.patch) * F.log_softmax(aux_logits.float(), dim=-1)).sum(-1).mean()
+        loss = loss + args.aux_weight * aux_loss
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         optimiser.step()
-        for name, value in [("loss", float(loss.detach()))] + list(correct.items()):
+        for name, value in [("loss", float(loss.detach())), ("aux", float(aux_loss.detach()))] + list(correct.items()):
             running[name] = 0.9 * running.get(name, value) + 0.1 * value
         elapsed = time.perf_counter() - start
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
@@ -162,9 +190,9 @@ def main() -> None:
             rate = (step + 1) * args.batch_size / elapsed
             cpu = time.process_time() - cpu_start
             history.append({"step": step + 1, "elapsed_s": round(elapsed, 1), "cpu_s": round(cpu, 1),
-                            "loss": round(running["loss"], 4),
+                            "loss": round(running["loss"], 4), "aux_loss": round(running["aux"], 4),
                             "monitor_accuracy": {k: round(v, 3) for k, v in monitor_acc.items()}})
-            print(f"step {step + 1:5d}  {elapsed / 60:5.1f} min (cpu {cpu / 60:5.1f} min)  {rate:5.1f} img/s  loss {running['loss']:.3f}  "
+            print(f"step {step + 1:5d}  {elapsed / 60:5.1f} min (cpu {cpu / 60:5.1f} min)  {rate:5.1f} img/s  loss {running['loss']:.3f} (aux {running['aux']:.3f})  "
                   + "  ".join(f"{k} {v:.2f}" for k, v in monitor_acc.items()), flush=True)
         if 0 < args.time_limit * 60 < elapsed and step + 1 < args.steps:
             stopped_early = True
@@ -193,7 +221,9 @@ def main() -> None:
             "odd-one-out world: 3-5 flat-coloured shapes on a noisy grey background, one of which differs from "
             "the others in colour, shape, size or orientation. It predicts, from the CLS token, the odd object's "
             "shape, its colour, its 3x3 position bin and which feature makes it odd. To answer it must group "
-            "the objects and compare each with the others, which is the kind of attention qkdissect studies."),
+            "the objects and compare each with the others, which is the kind of attention qkdissect studies. "
+            "During training an auxiliary head (dropped afterwards) also predicted, per patch, whether it belongs "
+            "to the odd object, the other objects or the background."),
         "what_it_is_not": (
             "Not a natural-image model: it has never seen a photograph, knows no object categories and its "
             "features are meaningless on natural images. Not pretrained on any data set and not comparable "
@@ -216,7 +246,11 @@ def main() -> None:
             "images_seen": (step + 1) * args.batch_size, "optimizer": "AdamW(betas=(0.9, 0.999))",
             "lr": args.lr, "min_lr": args.min_lr, "warmup_steps": args.warmup, "schedule": "linear warm-up, cosine",
             "weight_decay": args.weight_decay, "grad_clip": args.clip,
-            "loss": "sum over tasks of cross-entropy", "autocast_bf16": args.bf16, "threads": args.threads,
+            "loss": ("sum over tasks of cross-entropy + aux_weight × per-patch soft cross-entropy of (odd object, "
+                     "other objects, background) area shares, read by an auxiliary LayerNorm+Linear head (not "
+                     "shipped) from the patch tokens after block aux_block"),
+            "aux_weight": args.aux_weight, "aux_block": args.aux_block,
+            "autocast_bf16": args.bf16, "threads": args.threads,
             "train_seconds": round(train_seconds, 1), "train_cpu_seconds": round(train_cpu_seconds, 1),
             "data_generation_seconds": round(data_time, 1),
             "note": ("train_seconds is wall clock with the 2 CPU cores shared with other processes; "

@@ -41,7 +41,7 @@ from qkdissect.scenes import COLOURS, FEATURES, SHAPES, SceneObject, odd_one_out
 
 __all__ = [
     "MEAN", "STD", "TASKS", "Task", "WorldBatch", "WorldConfig", "accuracy", "chance_levels", "evaluate",
-    "generate", "iterate", "position_bin", "read_world_folder", "split_logits", "to_tensor",
+    "generate", "iterate", "patch_fractions", "position_bin", "read_world_folder", "split_logits", "to_tensor",
     "world_sample", "write_world_images",
 ]
 
@@ -103,12 +103,14 @@ class WorldConfig:
 
 @dataclass(frozen=True)
 class WorldBatch:
-    """``images`` (B, H, W, 3) uint8; ``labels`` {task: (B,) int64}; ``target_masks`` (B, H, W) bool;
-    ``objects`` per image (target first); ``indices`` (B,) sample indices within the seed's set."""
+    """``images`` (B, H, W, 3) uint8; ``labels`` {task: (B,) int64}; ``target_masks`` and
+    ``distractor_masks`` (B, H, W) bool (the odd object; the union of the others); ``objects`` per
+    image (target first); ``indices`` (B,) sample indices within the seed's set."""
 
     images: np.ndarray
     labels: dict[str, np.ndarray]
     target_masks: np.ndarray
+    distractor_masks: np.ndarray
     objects: tuple[tuple[SceneObject, ...], ...]
     indices: np.ndarray
     seed: int
@@ -161,15 +163,16 @@ def generate(seed: int, start: int, stop: int, config: WorldConfig = WorldConfig
     n, size = stop - start, config.image_size
     images = np.empty((n, size, size, 3), dtype=np.uint8)
     masks = np.empty((n, size, size), dtype=bool)
+    others = np.empty((n, size, size), dtype=bool)
     labels = {task.name: np.empty(n, dtype=np.int64) for task in TASKS}
     objects = []
     for row, index in enumerate(range(start, stop)):
         scene, label = world_sample(seed, index, config)
-        images[row], masks[row] = scene.image, scene.masks[0]
+        images[row], masks[row], others[row] = scene.image, scene.masks[0], scene.masks[1:].any(axis=0)
         for name, value in label.items():
             labels[name][row] = value
         objects.append(scene.objects)
-    return WorldBatch(images, labels, masks, tuple(objects), np.arange(start, stop), int(seed), config)
+    return WorldBatch(images, labels, masks, others, tuple(objects), np.arange(start, stop), int(seed), config)
 
 
 def iterate(seed: int, n: int, batch_size: int, config: WorldConfig = WorldConfig(),
@@ -177,6 +180,15 @@ def iterate(seed: int, n: int, batch_size: int, config: WorldConfig = WorldConfi
     """Batches covering samples ``start … start+n−1`` of the set with ``seed``."""
     for first in range(start, start + n, batch_size):
         yield generate(seed, first, min(first + batch_size, start + n), config)
+
+
+def patch_fractions(masks: np.ndarray, patch: int) -> np.ndarray:
+    """Share of each ``patch`` × ``patch`` cell covered by ``masks`` (B, H, W) bool -> (B, H/patch, W/patch)."""
+    batch, height, width = masks.shape
+    if height % patch or width % patch:
+        raise QKDissectError(f"mask size {height}×{width} is not a multiple of the patch size {patch}.")
+    cells = masks.reshape(batch, height // patch, patch, width // patch, patch)
+    return cells.mean(axis=(2, 4), dtype=np.float32)
 
 
 def to_tensor(images: np.ndarray):
