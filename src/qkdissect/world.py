@@ -79,8 +79,8 @@ class WorldConfig:
     image_size: int = 64
     min_objects: int = 3
     max_objects: int = 5
-    radius: tuple[float, float] = (0.09, 0.115)
-    noise: float = 10.0
+    radius: tuple[float, float] = (0.10, 0.13)
+    noise: float = 8.0
 
     def __post_init__(self) -> None:
         if self.image_size < 16:
