@@ -25,7 +25,7 @@ from qkdissect.adapters.loading import LoadedModel, load_model, load_state_dict,
 from qkdissect.errors import QKDissectError
 
 __all__ = ["ODDVIT_CARD", "ODDVIT_WEIGHTS", "build_oddvit", "load_minilm", "load_oddvit", "minilm_folder",
-           "oddvit_card"]
+           "new_oddvit", "oddvit_card", "sincos_position_embedding"]
 
 HERE = Path(__file__).resolve().parent
 ODDVIT_WEIGHTS = HERE / "oddvit.safetensors"
@@ -51,20 +51,54 @@ def oddvit_card() -> dict[str, Any]:
         raise QKDissectError(f"the built-in model card {ODDVIT_CARD} is corrupt ({error}); reinstall qkdissect.") from None
 
 
+def sincos_position_embedding(grid: tuple[int, int], dim: int):
+    """2-D sine-cosine position code (MAE style), (rows·cols, dim): the first half of the channels
+    encodes the row, the second the column, each as sin/cos of position × 10000^(−2i/(dim/2))."""
+    import torch
+
+    if dim % 4:
+        raise QKDissectError(f"a 2-D sine-cosine position code needs dim divisible by 4, got {dim}.")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64),
+                                torch.arange(grid[1], dtype=torch.float64), indexing="ij")
+    parts = []
+    for coordinate in (rows.reshape(-1), cols.reshape(-1)):
+        angle = coordinate[:, None] * omega[None, :]
+        parts += [torch.sin(angle), torch.cos(angle)]
+    return torch.cat(parts, dim=1).float()
+
+
+def new_oddvit(kwargs: dict[str, Any], seed: int, pos_init: str = "random"):
+    """timm ``VisionTransformer(**kwargs)`` initialised after ``torch.manual_seed(seed)``; with
+    ``pos_init="sincos"`` the patch position embeddings start from :func:`sincos_position_embedding`
+    (still learned). The global torch RNG state is left as it was."""
+    import torch
+    from timm.models.vision_transformer import VisionTransformer
+
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = VisionTransformer(**kwargs)
+    finally:
+        torch.random.set_rng_state(state)
+    if pos_init == "sincos":
+        grid = model.patch_embed.grid_size
+        with torch.no_grad():
+            model.pos_embed[0, model.num_prefix_tokens:] = sincos_position_embedding(tuple(grid), model.embed_dim)
+    elif pos_init != "random":
+        raise QKDissectError(f"unknown pos_init {pos_init!r}; expected 'random' or 'sincos'.")
+    return model
+
+
 def build_oddvit(card: dict[str, Any] | None = None, seed: int | None = None):
     """The oddvit architecture (timm ``VisionTransformer`` from the card's kwargs) with random weights
     (timm's initialisation after ``torch.manual_seed(seed)``; default: the card's training seed), and
     its preprocessing (the one used in training) set as the timm ``pretrained_cfg``."""
-    import torch
-    from timm.models.vision_transformer import VisionTransformer
-
     card = card or oddvit_card()
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(card["training"]["seed"] if seed is None else seed)
-        model = VisionTransformer(**card["architecture"]["kwargs"])
-    finally:
-        torch.random.set_rng_state(state)
+    training = card["training"]
+    model = new_oddvit(card["architecture"]["kwargs"], training["seed"] if seed is None else seed,
+                       training.get("pos_init", "random"))
     pre = card["preprocessing"]
     cfg = {"input_size": (3, *pre["image_size"]), "mean": tuple(pre["mean"]), "std": tuple(pre["std"]),
            "crop_pct": float(pre["crop_pct"]), "interpolation": pre["interpolation"],
