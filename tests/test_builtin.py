@@ -37,6 +37,11 @@ def minilm():
     return load_model("builtin:minilm")
 
 
+@pytest.fixture(scope="module")
+def minilm_atlas(minilm):
+    return qkdissect.dissect(minilm, dtype="float64", null_samples=10)
+
+
 # ----- builtin:oddvit ----------------------------------------------------------------------
 
 def test_registry_lists_both():
@@ -157,8 +162,8 @@ def test_offline_environment_is_set_while_loading_and_restored(monkeypatch):
 
 
 @needs_minilm
-def test_minilm_decomposition_matches_dense_product(minilm):
-    atlas = qkdissect.dissect(minilm, dtype="float64", null_samples=10)
+def test_minilm_decomposition_matches_dense_product(minilm, minilm_atlas):
+    atlas = minilm_atlas
     for index, layer in enumerate(minilm.adapter.attention_layers()):
         W_q, W_k = layer.W_q.double(), layer.W_k.double()
         dense = torch.einsum("hed,hef->hdf", W_q, W_k)  # W_qᵀ W_k per head, (H, d_model, d_model)
@@ -170,11 +175,11 @@ def test_minilm_decomposition_matches_dense_product(minilm):
 
 
 @needs_minilm
-def test_minilm_attention_reconstructed_from_modes_on_real_text(minilm):
+def test_minilm_attention_reconstructed_from_modes_on_real_text(minilm, minilm_atlas):
     inputs = minilm.adapter.tokenize(SENTENCES)
     mask = inputs["attention_mask"].bool()
     assert not bool(mask.all())  # the shorter sentence is padded
-    atlas = qkdissect.dissect(minilm, dtype="float64", null_samples=10)
+    atlas = minilm_atlas
     own = minilm.adapter.attention_probabilities(inputs)
     captured = capture_attention_inputs(minilm, inputs, stop_early=False)
     for layer in range(atlas.n_layers):
@@ -191,3 +196,33 @@ def test_minilm_random_init_differs(minilm):
     assert random.checkpoint is None and random.spec == "builtin:minilm"
     assert not torch.allclose(random.adapter.attention_layers()[0].W_q, minilm.adapter.attention_layers()[0].W_q)
     assert np.isfinite(qkdissect.dissect(random, null_samples=10).weighted_cosines.numpy()).all()
+
+
+def test_sincos_position_embedding_brute_force():
+    code = builtin.sincos_position_embedding((3, 5), 16)
+    assert code.shape == (15, 16)
+    for index in (0, 7, 14):
+        row, col = divmod(index, 5)
+        for i in range(4):
+            omega = 10000 ** (-i / 4)
+            expected = [np.sin(row * omega), np.cos(row * omega), np.sin(col * omega), np.cos(col * omega)]
+            got = [float(code[index, 4 * part + i]) for part in range(4)]
+            assert got == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(QKDissectError, match="divisible by 4"):
+        builtin.sincos_position_embedding((2, 2), 18)
+
+
+def test_new_oddvit_is_seeded_and_leaves_the_global_rng_alone():
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=4, num_classes=27)
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    a = builtin.new_oddvit(kwargs, seed=5, pos_init="sincos")
+    assert torch.equal(torch.rand(3), before)
+    b = builtin.new_oddvit(kwargs, seed=5, pos_init="sincos")
+    c = builtin.new_oddvit(kwargs, seed=6, pos_init="random")
+    assert torch.equal(a.blocks[0].attn.qkv.weight, b.blocks[0].attn.qkv.weight)
+    assert not torch.equal(a.blocks[0].attn.qkv.weight, c.blocks[0].attn.qkv.weight)
+    assert torch.equal(a.pos_embed[0, 1:], builtin.sincos_position_embedding((4, 4), 24))
+    with pytest.raises(QKDissectError, match="unknown pos_init"):
+        builtin.new_oddvit(kwargs, seed=0, pos_init="learned")

@@ -10,7 +10,7 @@ from qkdissect.errors import QKDissectError
 from qkdissect.images import list_images, open_image
 from qkdissect.scenes import COLOURS
 from qkdissect.world import (
-    MEAN, STD, TASKS, WorldConfig, chance_levels, evaluate, generate, position_bin, read_world_folder,
+    MEAN, STD, TASKS, WorldConfig, chance_levels, evaluate, generate, patch_fractions, position_bin, read_world_folder,
     split_logits, to_tensor, world_sample, write_world_images,
 )
 
@@ -149,3 +149,30 @@ def test_world_sample_matches_batch(batch):
     scene, labels = world_sample(11, 17, batch.config)
     assert np.array_equal(scene.image, batch.images[17])
     assert labels == {t.name: int(batch.labels[t.name][17]) for t in TASKS}
+
+
+def test_masks_match_the_objects_geometry(batch):
+    """Target and distractor masks against shapes rasterised again from the scene description."""
+    from qkdissect.scenes import shape_mask
+
+    hw = batch.images.shape[1:3]
+    for i in range(0, len(batch), 7):
+        objects = batch.objects[i]
+        assert np.array_equal(batch.target_masks[i], shape_mask(objects[0], hw))
+        others = np.zeros(hw, dtype=bool)
+        for obj in objects[1:]:
+            others |= shape_mask(obj, hw)
+        assert np.array_equal(batch.distractor_masks[i], others)
+        assert not (batch.target_masks[i] & others).any()
+
+
+def test_patch_fractions_brute_force():
+    masks = np.random.default_rng(2).random((2, 12, 20)) > 0.6
+    fractions = patch_fractions(masks, 4)
+    assert fractions.shape == (2, 3, 5)
+    for b in range(2):
+        for r in range(3):
+            for c in range(5):
+                assert fractions[b, r, c] == pytest.approx(masks[b, 4 * r : 4 * r + 4, 4 * c : 4 * c + 4].mean())
+    with pytest.raises(QKDissectError, match="multiple of the patch size"):
+        patch_fractions(masks, 8)
