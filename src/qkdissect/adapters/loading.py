@@ -49,8 +49,9 @@ class LoadedModel:
 _BUILTINS: dict[str, tuple[Callable[[], LoadedModel], str]] = {}
 
 
-def register_builtin(name: str, loader: Callable[[], LoadedModel], description: str) -> None:
-    """Make ``builtin:name`` load with ``loader()``."""
+def register_builtin(name: str, loader: Callable[..., LoadedModel], description: str) -> None:
+    """Make ``builtin:name`` load with ``loader()`` (and with ``loader(random_init=True)`` for
+    ``load_model("builtin:name", random_init=True)``, when the loader accepts it)."""
     _BUILTINS[name] = (loader, description)
 
 
@@ -227,7 +228,15 @@ def load_model(
         if name not in _BUILTINS:
             known = ", ".join(f"builtin:{n}" for n in sorted(_BUILTINS)) or "none installed"
             raise QKDissectError(f"unknown built-in model {spec!r}. Available: {known}.")
-        loaded = _BUILTINS[name][0]()
+        loader = _BUILTINS[name][0]
+        if random_init:  # a built-in loader that supports it takes ``random_init=True``
+            import inspect
+
+            if "random_init" not in inspect.signature(loader).parameters:
+                raise QKDissectError(f"{spec} has no random-init variant; drop --random-init.")
+            loaded = loader(random_init=True)
+        else:
+            loaded = loader()
         if checkpoint is not None:
             load_state_dict(loaded.model, checkpoint)
             loaded = LoadedModel(loaded.model, loaded.adapter, spec, checkpoint, loaded.info)
