@@ -1,0 +1,131 @@
+"""``qkdissect demo``: every analysis on the embedded model, offline, in a few minutes."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+
+from qkdissect.commands.common import console, err_console, guarded, progress_bar
+
+
+def _step(number: int, total: int, title: str) -> None:
+    console.rule(f"[bold]{number}/{total}  {escape(title)}")
+
+
+def _bar(description: str, total: int):
+    """A progress bar and an ``advance(n)`` callback for it."""
+    bar = progress_bar(transient=False)
+    task = bar.add_task(description, total=total)
+    return bar, lambda n=1: bar.advance(task, n)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    @guarded
+    def demo(
+        out: Path = typer.Option(Path("demo"), "--out", "-o", help="Output folder (created)."),
+        model: str = typer.Option("builtin:oddvit", help="Model spec to demonstrate on (any image model spec)."),
+        quick: bool = typer.Option(False, "--quick", help="Small settings (about a minute): fewer images, "
+                                                          "fewer bootstrap samples."),
+        images: int = typer.Option(0, help="World images to mine (0: 1000, or 48 with --quick)."),
+        odd_images: int = typer.Option(0, help="Odd-one-out images for the preference (0: 300, or 24 with --quick)."),
+        seed: int = typer.Option(0, help="Seed of the generated images."),
+    ) -> None:
+        """Run every qkdissect analysis on the embedded model (builtin:oddvit) and write an HTML report.
+
+        Steps: dissect the model (atlas + figures); generate an image set from its procedural world; per-image
+        query/key maps of a head; mine the top images of every mode over the set; generate odd-one-out images
+        and measure the attention preference between objects; build the HTML report. Works offline; prints
+        where to look at the end.
+        """
+        from qkdissect import dissect, load_model
+        from qkdissect.commands.dissect import summary_table, write_figures
+        from qkdissect.errors import QKDissectError
+        from qkdissect.mining import mine
+        from qkdissect.oddoneout import generate_oddoneout
+        from qkdissect.preference import run_preference, save_preference
+        from qkdissect.report import build_report
+        from qkdissect.views import prepare_view, run_maps
+        from qkdissect.world import write_world_images
+
+        n_world = images or (48 if quick else 1000)
+        n_odd = odd_images or (24 if quick else 300)
+        started = time.perf_counter()
+        steps = 6
+
+        _step(1, steps, f"dissect {model}")
+        with err_console.status(f"loading {model}"):
+            loaded = load_model(model)
+        if loaded.adapter.modality != "image":
+            raise QKDissectError(f"the demo needs an image model; {model} reads {loaded.adapter.modality}.")
+        atlas = dissect(loaded, null_samples=200 if quick else 1000, seed=seed)
+        atlas.save(out / "atlas")
+        write_figures(atlas, out / "atlas")
+        console.print(summary_table(atlas, f"{loaded.spec}: weighted cosine Σσcos/Σσ per layer"))
+
+        _step(2, steps, f"generate {n_world} images of the procedural world")
+        height, width = loaded.preprocessing.image_size
+        bar, advance = _bar("world images", n_world)
+        with bar:
+            world = write_world_images(out / "world", n_world, seed=seed, size=min(height, width),
+                                       progress=advance)
+
+        _step(3, steps, "query/key maps of the most grouping head of layer 0")
+        head = int(atlas.weighted_cosines[0].argmax())
+        picked = sorted(world.glob("*.png"))[:3]
+        context = prepare_view(loaded, atlas)
+        bar, advance = _bar(f"maps (layer 0, head {head})", len(picked))
+        with bar:
+            run_maps(context, out / "maps", layer=0, head=head, modes=[0, 1, 2, 3], images=picked,
+                     on_item=lambda _s: advance())
+
+        _step(4, steps, f"mine the top images of every mode over {n_world} images")
+        bar = progress_bar()
+        tasks: dict[str, int] = {}
+
+        def report_mining(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task("mining images" if stage == "mining" else "contact sheets",
+                                            total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        with bar:
+            mine(loaded, world, out / "mined", top_k=6 if quick else 9, batch_size=32, atlas=atlas,
+                 sheet_modes=(0, 1) if quick else (0, 1, 2, 3), progress=report_mining)
+
+        _step(5, steps, f"attention preference on {n_odd} odd-one-out images")
+        bar, advance = _bar("odd-one-out images", n_odd)
+        with bar:
+            generate_oddoneout(out / "oddoneout", n_odd, (height, width), seed=seed, objects=(3, 5),
+                               overwrite=True, on_image=lambda _i: advance())
+        bar, advance = _bar("preference", n_odd)
+        with bar:
+            preference = run_preference(loaded, out / "oddoneout", atlas=atlas, n_boot=200 if quick else 1000,
+                                        seed=seed, on_batch=advance)
+        save_preference(preference, out / "preference")
+        same, other = (preference.curve("target", "measured", "raw", c).mean for c in ("same", "other"))
+        console.print("attention of target queries, per layer:\n"
+                      "  to the same object:   " + " ".join(f"{v:.3f}" for v in same) + "\n"
+                      "  to the other objects: " + " ".join(f"{v:.3f}" for v in other))
+
+        _step(6, steps, "HTML report")
+        bar = progress_bar(transient=True)
+        task = bar.add_task("head pages", total=atlas.n_layers * atlas.n_heads)
+        with bar:
+            result = build_report(atlas, out / "report", atlas_dir=str(out / "atlas"), preference=out / "preference",
+                                  mined=out / "mined", maps=[out / "maps"],
+                                  progress=lambda done, _total: bar.update(task, completed=done))
+        for warning in result.warnings:
+            console.print(f"[yellow]{escape(warning)}[/]")
+
+        console.rule("[bold green]done")
+        console.print(f"finished in {time.perf_counter() - started:.0f} s. Look at:\n"
+                      f"  {result.index}   the HTML report (open it in a browser; works offline)\n"
+                      f"  {out / 'atlas' / 'layer_similarity.png'}   similarity of query and key modes by layer\n"
+                      f"  {out / 'mined'}   top images of every mode (contact sheets)\n"
+                      f"  {out / 'maps'}   query (red) / key (cyan) maps of layer 0, head {head}\n"
+                      f"  {out / 'preference' / 'preference.png'}   same object / other objects / background by layer",
+                      highlight=False)
