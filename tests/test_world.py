@@ -141,7 +141,7 @@ def test_bad_requests(tmp_path):
     with pytest.raises(QKDissectError, match="no world.json"):
         read_world_folder(tmp_path)
     (tmp_path / "world.json").write_text('{"format": "other"}')
-    with pytest.raises(QKDissectError, match="not a qkdissect world"):
+    with pytest.raises(QKDissectError, match="is not a qkdissect-world file"):
         read_world_folder(tmp_path)
 
 

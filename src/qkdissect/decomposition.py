@@ -14,7 +14,6 @@ entry of u_k with the largest magnitude is positive.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -30,7 +29,7 @@ from torch import Tensor
 from qkdissect.adapters.base import AttentionLayer
 from qkdissect.adapters.loading import LoadedModel, wrap_model
 from qkdissect.errors import QKDissectError
-from qkdissect.files import atomic_write, write_json
+from qkdissect.files import atomic_write, read_json_document, write_json
 from qkdissect.metrics import NullReference, gaussian_null, mode_cosines, symmetric_fraction, weighted_cosine
 
 __all__ = ["FORMAT_VERSION", "HeadModes", "LayerModes", "ModeAtlas", "dissect", "factored_svd", "fold_layer_norm"]
@@ -272,19 +271,11 @@ class ModeAtlas:
         """Read an atlas written by :meth:`save`; QKDissectError for a missing or corrupt one."""
         directory = Path(directory)
         json_path, tensor_path = directory / "atlas.json", directory / "atlas.safetensors"
-        for path in (json_path, tensor_path):
-            if not path.is_file():
-                raise QKDissectError(f"{path} not found: {directory} is not an atlas folder. "
-                                     "Create one with `qkdissect dissect MODEL --out DIR`.")
-        try:
-            document = json.loads(json_path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise QKDissectError(f"{json_path} is corrupt ({error}); re-run `qkdissect dissect`.") from None
-        if document.get("format") != "qkdissect-atlas":
-            raise QKDissectError(f"{json_path} is not a qkdissect atlas file.")
-        if int(document.get("format_version", -1)) > FORMAT_VERSION:
-            raise QKDissectError(f"{json_path} has atlas format {document.get('format_version')}, newer than this "
-                                 f"qkdissect reads ({FORMAT_VERSION}); upgrade qkdissect.")
+        remedy = "create one with `qkdissect dissect MODEL --out DIR`"
+        if not tensor_path.is_file():
+            raise QKDissectError(f"{tensor_path} not found: {directory} is not an atlas folder. {remedy[0].upper()}{remedy[1:]}.")
+        document = read_json_document(json_path, missing=f"{directory} is not an atlas folder", remedy=remedy,
+                                      kind="qkdissect-atlas", max_version=FORMAT_VERSION)
         try:
             from safetensors.torch import load_file
 

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["atomic_write", "write_json"]
+__all__ = ["atomic_write", "read_json_document", "write_json"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
@@ -24,3 +24,30 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
     """Write ``data`` as indented JSON atomically."""
     text = json.dumps(data, indent=1, default=str)
     return atomic_write(path, lambda p: p.write_text(text))
+
+
+def read_json_document(path: str | os.PathLike, *, missing: str, remedy: str, kind: str | None = None,
+                       key: str = "format", max_version: int | None = None) -> dict[str, Any]:
+    """Read a JSON index written by qkdissect, or raise one QKDissectError that says what to do.
+
+    ``missing``: what a missing file means ("DIR is not an atlas folder"); ``remedy``: how to get a good
+    file ("re-run `qkdissect dissect`"); ``kind``: the value ``document[key]`` must have;
+    ``max_version``: the newest ``format_version`` this qkdissect reads.
+    """
+    from qkdissect.errors import QKDissectError
+
+    path = Path(path)
+    if not path.is_file():
+        raise QKDissectError(f"{path} not found: {missing}. {remedy[:1].upper()}{remedy[1:]}.")
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise QKDissectError(f"{path} is corrupt ({error}); {remedy}.") from None
+    if not isinstance(document, dict):
+        raise QKDissectError(f"{path} is corrupt (not a JSON object); {remedy}.")
+    if kind is not None and document.get(key) != kind:
+        raise QKDissectError(f"{path} is not a {kind} file ({key} {document.get(key)!r}).")
+    if max_version is not None and int(document.get("format_version", -1)) > max_version:
+        raise QKDissectError(f"{path} has format version {document.get('format_version')}, newer than this "
+                             f"qkdissect reads ({max_version}); upgrade qkdissect.")
+    return document

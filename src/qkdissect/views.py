@@ -34,7 +34,6 @@ Folder written by :func:`run_rank` (read it with :func:`load_rank`)::
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ from torch import Tensor
 
 from qkdissect.adapters.loading import LoadedModel, wrap_model
 from qkdissect.errors import QKDissectError
-from qkdissect.files import atomic_write, write_json
+from qkdissect.files import atomic_write, read_json_document, write_json
 from qkdissect.projection import (capture_attention_inputs, key_bias_logits, logit_variance_shares,
                                   mode_contributions, project)
 
@@ -396,18 +395,8 @@ def run_maps(ctx: ViewContext, out: str | os.PathLike, *, layer: int, head: int,
 
 
 def _read_document(path: Path, expected: str, command: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise QKDissectError(f"{path} not found: not a folder written by `qkdissect {command}`.")
-    try:
-        document = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise QKDissectError(f"{path} is corrupt ({error}); re-run `qkdissect {command}`.") from None
-    if document.get("format") != expected:
-        raise QKDissectError(f"{path} is not a {expected} index (format {document.get('format')!r}).")
-    if int(document.get("format_version", -1)) > FORMAT_VERSION:
-        raise QKDissectError(f"{path} has format version {document.get('format_version')}, newer than this "
-                             "qkdissect reads; upgrade qkdissect.")
-    return document
+    return read_json_document(path, missing=f"not a folder written by `qkdissect {command}`",
+                              remedy=f"re-run `qkdissect {command}`", kind=expected, max_version=FORMAT_VERSION)
 
 
 def load_maps(directory: str | os.PathLike) -> MapsResult:

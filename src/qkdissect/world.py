@@ -288,17 +288,10 @@ def write_world_images(folder: str | os.PathLike, n: int, seed: int = 2, size: i
 def read_world_folder(folder: str | os.PathLike) -> dict[str, Any]:
     """Read ``world.json`` of a folder written by :func:`write_world_images` (with ``config`` as a
     WorldConfig and each image's ``path``); QKDissectError when it is missing or not a world folder."""
-    import json
+    from qkdissect.files import read_json_document
 
-    path = Path(folder) / "world.json"
-    if not path.is_file():
-        raise QKDissectError(f"{folder} has no world.json; it was not written by write_world_images.")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise QKDissectError(f"could not read {path}: {error}. Write the folder again.") from None
-    if data.get("format") != WORLD_FORMAT:
-        raise QKDissectError(f"{path} is not a qkdissect world index (format {data.get('format')!r}).")
+    data = read_json_document(Path(folder) / "world.json", missing=f"{folder} has no world.json, so it was not written by write_world_images",
+                              remedy="write the folder again", kind=WORLD_FORMAT)
     data["config"] = WorldConfig.from_dict(data["config"])
     for record in data["images"]:
         record["path"] = Path(folder) / record["file"]

@@ -11,7 +11,6 @@ Spec grammar:
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,10 +155,9 @@ def _timm_model(name: str, checkpoint: str | None, random_init: bool, **kwargs: 
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise QKDissectError(f"could not read {path}: {error}. The file is corrupt; re-save the model.") from None
+    from qkdissect.files import read_json_document
+
+    return read_json_document(path, missing="the model folder is incomplete", remedy="re-save the model")
 
 
 def _hf_model(path_or_id: str, checkpoint: str | None, random_init: bool) -> tuple[nn.Module, dict, Any]:

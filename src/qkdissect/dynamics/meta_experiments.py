@@ -17,7 +17,6 @@ seeds are recorded). Timings are wall-clock on the machine that ran them, with i
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -225,14 +224,9 @@ def load_metalearn(folder: str | Path) -> dict[str, Any]:
 
 
 def _load_results(folder: str | Path, command: str) -> dict[str, Any]:
-    path = Path(folder) / "results.json"
-    if not path.is_file():
-        raise QKDissectError(f"{path} not found: {folder} is not a `qkdissect dynamics {command}` folder.")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise QKDissectError(f"{path} is corrupt ({error}); re-run `qkdissect dynamics {command}`.") from None
-    if data.get("command") != command:
-        raise QKDissectError(f"{path} was written by `{data.get('command')}`, not `qkdissect dynamics {command}`.")
-    return data
+    from qkdissect.files import read_json_document
+
+    return read_json_document(Path(folder) / "results.json", missing=f"{folder} is not a `qkdissect dynamics "
+                              f"{command}` folder", remedy=f"re-run `qkdissect dynamics {command}`", kind=command,
+                              key="command")
 

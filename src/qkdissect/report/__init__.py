@@ -45,6 +45,7 @@ from markupsafe import Markup
 
 from qkdissect.decomposition import ModeAtlas, library_versions
 from qkdissect.errors import QKDissectError
+from qkdissect.files import read_json_document
 from qkdissect.report.charts import cosine_svg, diverging_color, spectrum_svg, text_color
 from qkdissect.report.sources import CompareSource, read_compare_sources
 
@@ -466,13 +467,5 @@ def _views_summary(inputs: _Inputs, tables: _AtlasTables) -> dict[str, Any] | No
 
 def load_report(directory: str | os.PathLike) -> dict[str, Any]:
     """Read the manifest (report.json) of a report folder; QKDissectError if it is not one."""
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise QKDissectError(f"{path} not found: {directory} is not a qkdissect report folder.")
-    try:
-        document = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise QKDissectError(f"{path} is corrupt ({error}); regenerate the report.") from None
-    if document.get("format") != "qkdissect-report":
-        raise QKDissectError(f"{path} is not a qkdissect report manifest.")
-    return document
+    return read_json_document(Path(directory) / MANIFEST, missing=f"{directory} is not a qkdissect report folder",
+                              remedy="regenerate the report with `qkdissect report`", kind="qkdissect-report")
