@@ -23,19 +23,16 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from qkdissect.adapters.loading import LoadedModel
 from qkdissect.errors import QKDissectError
 from qkdissect.mining_state import RunningStats, TopK, merge_stats, merge_topk
+from qkdissect.projection import _StopForward
 
 __all__ = ["LayerRoute", "MiningEngine"]
 
 ROUTE_TOLERANCE = 1e-4
-
-
-class _StopForward(Exception):
-    """Raised in the last needed hook to skip the rest of the forward pass."""
 
 
 @dataclass(frozen=True)
@@ -52,22 +49,6 @@ class LayerRoute:
     W: Tensor | None = None
     a: Tensor | None = None
     c: Tensor | None = None
-
-
-def _qk_linears(loaded: LoadedModel, layer: int) -> tuple[str, nn.Module, nn.Module | None] | None:
-    """("fused", qkv, None) for timm, ("split", q, k) for HF; None when the adapter hides them."""
-    module = loaded.adapter.attention_modules()[layer]
-    if loaded.family == "timm-vit" and isinstance(getattr(module, "qkv", None), nn.Linear):
-        return "fused", module.qkv, None
-    if loaded.family.startswith("hf-"):
-        from qkdissect.adapters.hf import _find_qk
-
-        try:
-            _, q, k = _find_qk(module)
-        except QKDissectError:
-            return None
-        return "split", q, k
-    return None
 
 
 def _affine(atlas, layer: int, d_model: int) -> tuple[Tensor, Tensor]:
@@ -88,7 +69,7 @@ def build_route(loaded: LoadedModel, atlas, layer: int, raw, prefer: str = "auto
     U, V = modes.U.double(), modes.V.double()  # (H, d, r)
     a, c = _affine(atlas, layer, atlas.d_model)
     folded = bool(atlas.meta.get("ln_folded"))
-    if prefer in ("auto", "qk") and _qk_linears(loaded, layer) is not None:
+    if prefer in ("auto", "qk") and loaded.adapter.qk_linears(layer) is not None:
         n_heads = raw.n_heads
         kv = torch.tensor(raw.kv_head_of if raw.kv_head_of is not None else range(n_heads), dtype=torch.long)
         zeros = torch.zeros(n_heads, raw.d_head, dtype=torch.float64)
@@ -216,7 +197,7 @@ class MiningEngine:
                     finish()
                 handles.append(modules[route.layer].register_forward_pre_hook(pre_hook, with_kwargs=True))
                 continue
-            kind, first, second = _qk_linears(self.loaded, route.layer)
+            kind, first, second = self.loaded.adapter.qk_linears(route.layer)
             if kind == "fused":
                 def fused_hook(_module, _args, output, route=route, slot=slot, finish=finish):
                     B, N, width = output.shape

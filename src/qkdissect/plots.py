@@ -35,6 +35,12 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
     return path
 
 
+def _layer_ticks(ax, n_layers: int) -> None:
+    """Every layer up to 16 layers, then every k-th so that labels do not collide."""
+    step = max(1, -(-n_layers // 16))
+    ax.set_xticks(np.arange(0, n_layers, step))
+
+
 def _title(atlas) -> str:
     return f"{atlas.meta.get('model', '?')}  ({atlas.n_layers} layers × {atlas.n_heads} heads)"
 
@@ -55,7 +61,7 @@ def plot_layer_similarity(atlas, path: str | os.PathLike) -> Path:
     ax.plot(layers, mean, "-o", color="tab:orange", ms=4, label="mean ± std")
     ax.set_xlabel("layer")
     ax.set_ylabel("weighted cosine  Σσcos / Σσ")
-    ax.set_xticks(layers)
+    _layer_ticks(ax, atlas.n_layers)
     ax.set_title(_title(atlas), fontsize=9)
     ax.legend(fontsize=8, loc="best")
     return save_figure(fig, path)
@@ -73,7 +79,7 @@ def plot_mode_cosines(atlas, path: str | os.PathLike) -> Path:
         body.set_alpha(0.6)
     ax.set_xlabel("layer")
     ax.set_ylabel("per-mode cosine  u_k · v_k")
-    ax.set_xticks(np.arange(atlas.n_layers))
+    _layer_ticks(ax, atlas.n_layers)
     ax.set_title(_title(atlas), fontsize=9)
     ax.legend(fontsize=8, loc="best")
     return save_figure(fig, path)

@@ -189,6 +189,12 @@ class ModelAdapter(ABC):
     def n_layers(self) -> int:
         return len(self.attention_modules())
 
+    def qk_linears(self, layer: int) -> tuple[str, nn.Module, nn.Module | None] | None:
+        """The Linear modules that compute q and k in ``layer``: ("fused", qkv, None) when one Linear
+        outputs q, k, v (rows in that order, heads contiguous), ("split", q, k) for two Linears, or
+        None when the family does not expose them (then consumers fall back to projecting x̃)."""
+        return None
+
     # ----- tokens and inputs --------------------------------------------------------------
     @property
     def prefix_tokens(self) -> tuple[str, ...]:

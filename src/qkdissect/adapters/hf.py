@@ -92,6 +92,10 @@ class _HFAdapter(ModelAdapter):
     def attention_modules(self) -> list[nn.Module]:
         return [owner for owner, _, _ in self._qk]
 
+    def qk_linears(self, layer: int) -> tuple[str, nn.Module, nn.Module]:
+        _, q, k = self._qk[layer]
+        return "split", q, k
+
     def _ln_feeding(self, index: int) -> nn.Module | None:
         return getattr(self.layers[index], self.norm_attr) if self.norm_attr else None
 

@@ -60,6 +60,9 @@ class TimmViTAdapter(ModelAdapter):
     def attention_modules(self) -> list[nn.Module]:
         return [block.attn for block in self.model.blocks]
 
+    def qk_linears(self, layer: int) -> tuple[str, nn.Module, None]:
+        return "fused", self.model.blocks[layer].attn.qkv, None
+
     def _ln_feeding(self, index: int) -> tuple[Tensor | None, Tensor | None]:
         if self._post_norm:  # x̃ is the block input: no LayerNorm directly in front of attention
             return None, None
