@@ -96,7 +96,7 @@ def preference_context(result, atlas, images: Path, page_of) -> dict[str, Any]:
 
     ``page_of(layer, head)`` gives the relative URL of a head page from the report root.
     """
-    from qkdissect.preference import plot_preference, plot_preference_modes
+    from qkdissect.preference_plots import plot_preference, plot_preference_modes
     from qkdissect.report import _png_size
 
     figures = []
