@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -29,7 +28,7 @@ from torch import Tensor
 from qkdissect.adapters.base import AttentionLayer
 from qkdissect.adapters.loading import LoadedModel, wrap_model
 from qkdissect.errors import QKDissectError
-from qkdissect.files import atomic_write, read_json_document, write_json
+from qkdissect.files import atomic_write, library_versions, read_json_document, write_json
 from qkdissect.metrics import NullReference, gaussian_null, mode_cosines, symmetric_fraction, weighted_cosine
 
 __all__ = ["FORMAT_VERSION", "HeadModes", "LayerModes", "ModeAtlas", "dissect", "factored_svd", "fold_layer_norm"]
@@ -294,23 +293,6 @@ class ModeAtlas:
                 if k not in ("heads", "layers", "null", "format", "format_version", "degeneracy_tolerance")}
         return cls(meta=meta, layers=tuple(layers), null=NullReference.from_dict(document["null"]),
                    gap_tol=float(document.get("degeneracy_tolerance", 1e-3)))
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries that shaped a result."""
-    import sys
-
-    import numpy
-
-    import qkdissect
-
-    versions = {"qkdissect": qkdissect.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
-                "python": platform.python_version()}
-    for name in ("timm", "transformers", "safetensors"):
-        module = sys.modules.get(name)
-        if module is not None:
-            versions[name] = getattr(module, "__version__", "unknown")
-    return versions
 
 
 def _stacked(layers: list[AttentionLayer]) -> Iterable[tuple[list[int], Tensor, Tensor]]:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["atomic_write", "read_json_document", "write_json"]
+__all__ = ["atomic_write", "library_versions", "read_json_document", "write_json"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
@@ -51,3 +51,22 @@ def read_json_document(path: str | os.PathLike, *, missing: str, remedy: str, ki
         raise QKDissectError(f"{path} has format version {document.get('format_version')}, newer than this "
                              f"qkdissect reads ({max_version}); upgrade qkdissect.")
     return document
+
+
+def library_versions(required: tuple[str, ...] = ()) -> dict[str, str]:
+    """Versions of the libraries that shaped a result: qkdissect, python, torch, numpy, the ``required``
+    libraries (imported if need be), and timm / transformers / safetensors / scipy / matplotlib when loaded."""
+    import importlib
+    import platform
+    import sys
+
+    import qkdissect
+
+    versions = {"qkdissect": qkdissect.__version__, "python": platform.python_version()}
+    for name in ("torch", "numpy", *required):
+        versions[name] = getattr(importlib.import_module(name), "__version__", "unknown")
+    for name in ("timm", "transformers", "safetensors", "scipy", "matplotlib"):
+        module = sys.modules.get(name)
+        if module is not None and name not in versions:
+            versions[name] = getattr(module, "__version__", "unknown")
+    return versions

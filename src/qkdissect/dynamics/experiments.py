@@ -8,7 +8,6 @@ Each ``run_*`` function returns the results dictionary it wrote to ``out/results
 from __future__ import annotations
 
 import json
-import platform
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -32,6 +31,7 @@ from qkdissect.dynamics.theory import (
 )
 from qkdissect.dynamics.transfer import simulate_transfer, transfer_theory
 from qkdissect.errors import QKDissectError
+from qkdissect.files import atomic_write, library_versions
 
 __all__ = [
     "run_saxe",
@@ -63,21 +63,8 @@ DEFAULT_SWEEP_SETTINGS: tuple[tuple[int, int, tuple[float, ...]], ...] = (
 
 
 def versions() -> dict[str, str]:
-    """Library versions recorded in every results.json."""
-    import matplotlib
-    import scipy
-    import torch
-
-    import qkdissect
-
-    return {
-        "qkdissect": qkdissect.__version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "matplotlib": matplotlib.__version__,
-    }
+    """Library versions recorded in every results.json (scipy and matplotlib always included)."""
+    return library_versions(required=("scipy", "matplotlib"))
 
 
 def _jsonable(x: Any) -> Any:
@@ -100,7 +87,8 @@ def _jsonable(x: Any) -> Any:
 def write_results(out: Path, results: dict[str, Any]) -> dict[str, Any]:
     """Write ``results.json`` into ``out`` and return the JSON-ready dictionary."""
     data = _jsonable(results)
-    (out / "results.json").write_text(json.dumps(data, indent=1, allow_nan=False))
+    text = json.dumps(data, indent=1, allow_nan=False)
+    atomic_write(out / "results.json", lambda path: path.write_text(text))
     return data
 
 
