@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from qkdissect import factored_svd, gaussian_null
-from qkdissect.metrics import mode_cosines, symmetric_fraction, trace_over_nuclear, weighted_cosine
+from qkdissect.factored import trace_over_nuclear
+from qkdissect.metrics import mode_cosines, symmetric_fraction, weighted_cosine
 
 
 def random_heads(n, d_head=5, d_model=23, seed=0):

@@ -7,12 +7,13 @@
     >>> atlas.save("atlas/")
 """
 
+from qkdissect._version import __version__
 from qkdissect.adapters import AttentionLayer, LoadedModel, ModelAdapter, Preprocessing, get_adapter, load_model
-from qkdissect.decomposition import HeadModes, ModeAtlas, dissect, factored_svd
+from qkdissect.decomposition import HeadModes, ModeAtlas, dissect
+from qkdissect.factored import factored_svd
 from qkdissect.errors import QKDissectError
 from qkdissect.metrics import NullReference, gaussian_null
 
-__version__ = "0.1.0"
 
 __all__ = [
     "AttentionLayer",

@@ -28,6 +28,7 @@ from torch import Tensor
 from qkdissect.adapters.base import AttentionLayer
 from qkdissect.adapters.loading import LoadedModel, wrap_model
 from qkdissect.errors import QKDissectError
+from qkdissect.factored import factored_svd
 from qkdissect.files import atomic_write, library_versions, read_json_document, write_json
 from qkdissect.metrics import NullReference, gaussian_null, mode_cosines, symmetric_fraction, weighted_cosine
 
@@ -35,26 +36,6 @@ __all__ = ["FORMAT_VERSION", "HeadModes", "LayerModes", "ModeAtlas", "dissect", 
 
 FORMAT_VERSION = 1
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def factored_svd(W_q: Tensor, W_k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """SVD of M = W_qᵀ W_k from its factors, batched over leading dimensions.
-
-    W_q, W_k: (..., d_head, d_model). Returns U (..., d_model, r), S (..., r) descending,
-    V (..., d_model, r) with r = min(d_head, d_model), such that M = U diag(S) Vᵀ, signs fixed
-    so that the largest-magnitude entry of each column of U is positive.
-    """
-    if W_q.shape != W_k.shape:
-        raise QKDissectError(f"W_q and W_k must have the same shape, got {tuple(W_q.shape)} and {tuple(W_k.shape)}.")
-    Q_q, R_q = torch.linalg.qr(W_q.transpose(-1, -2))
-    Q_k, R_k = torch.linalg.qr(W_k.transpose(-1, -2))
-    A, S, B_t = torch.linalg.svd(R_q @ R_k.transpose(-1, -2))
-    U = Q_q @ A
-    V = Q_k @ B_t.transpose(-1, -2)
-    pivot = U.abs().argmax(dim=-2, keepdim=True)
-    sign = torch.sign(torch.gather(U, -2, pivot))
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    return U * sign, S, V * sign
 
 
 def fold_layer_norm(layer: AttentionLayer) -> AttentionLayer:

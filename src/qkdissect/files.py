@@ -60,9 +60,9 @@ def library_versions(required: tuple[str, ...] = ()) -> dict[str, str]:
     import platform
     import sys
 
-    import qkdissect
+    from qkdissect._version import __version__
 
-    versions = {"qkdissect": qkdissect.__version__, "python": platform.python_version()}
+    versions = {"qkdissect": __version__, "python": platform.python_version()}
     for name in ("torch", "numpy", *required):
         versions[name] = getattr(importlib.import_module(name), "__version__", "unknown")
     for name in ("timm", "transformers", "safetensors", "scipy", "matplotlib"):

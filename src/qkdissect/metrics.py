@@ -20,12 +20,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from qkdissect.errors import QKDissectError
+from qkdissect.factored import factored_svd, trace_over_nuclear
+
 __all__ = [
     "NullReference",
     "gaussian_null",
     "mode_cosines",
     "symmetric_fraction",
-    "trace_over_nuclear",
     "weighted_cosine",
 ]
 
@@ -39,18 +41,6 @@ def weighted_cosine(S: Tensor, cosines: Tensor) -> Tensor:
     """C = Σ_k σ_k cos_k / Σ_k σ_k. S, cosines: (..., r) -> (...); 0 for an all-zero head."""
     total = S.sum(dim=-1)
     return torch.where(total > 0, (S * cosines).sum(dim=-1) / total.clamp_min(torch.finfo(S.dtype).tiny), 0.0)
-
-
-def trace_over_nuclear(W_q: Tensor, W_k: Tensor) -> Tensor:
-    """tr(W_qᵀW_k) / ‖W_qᵀW_k‖_*, from the factors. W_q, W_k: (..., d_head, d_model) -> (...).
-
-    tr(W_qᵀ W_k) = Σ W_q ⊙ W_k; the nuclear norm is the sum of singular values of the small
-    core R_q R_kᵀ (W_qᵀ = Q_q R_q, W_kᵀ = Q_k R_k), which has the singular values of M.
-    """
-    _, R_q = torch.linalg.qr(W_q.transpose(-1, -2))
-    _, R_k = torch.linalg.qr(W_k.transpose(-1, -2))
-    nuclear = torch.linalg.svdvals(R_q @ R_k.transpose(-1, -2)).sum(dim=-1)
-    return (W_q * W_k).sum(dim=(-1, -2)) / nuclear
 
 
 def symmetric_fraction(U: Tensor, S: Tensor, V: Tensor) -> Tensor:
@@ -104,8 +94,6 @@ class NullReference:
 
 def _null_dense(d_model: int, d_head: int, n: int, rng) -> tuple[Tensor, Tensor]:
     """Literal sampler: W_q, W_k (n, d_head, d_model) i.i.d. N(0, 1) -> factored SVD. (S, cos), (n, r)."""
-    from qkdissect.decomposition import factored_svd
-
     W_q = torch.from_numpy(rng.standard_normal((n, d_head, d_model)))
     W_k = torch.from_numpy(rng.standard_normal((n, d_head, d_model)))
     U, S, V = factored_svd(W_q, W_k)
@@ -154,8 +142,6 @@ def gaussian_null(
     equally distributed QR factors directly (fast, needs d_model ≥ 2·d_head); "auto" picks
     "factored" when it applies. Deterministic for a given seed (float64).
     """
-    from qkdissect.errors import QKDissectError
-
     if not 0 < percentile < 100:
         raise QKDissectError(f"null percentile must be in (0, 100), got {percentile}.")
     if n_samples < 10:

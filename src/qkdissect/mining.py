@@ -253,7 +253,8 @@ def mine(model: Any, images: str | os.PathLike, out: str | os.PathLike, *, top_k
     with stage "sheets". Under torchrun (WORLD_SIZE > 1) each rank mines
     its block of batches and rank 0 merges and writes; other ranks return None.
     """
-    from qkdissect.decomposition import dissect, library_versions
+    from qkdissect.decomposition import dissect
+    from qkdissect.files import library_versions
     from qkdissect.images import list_images
 
     started = time.perf_counter()

@@ -270,7 +270,8 @@ def run_preference(model: Any, data: str | os.PathLike | O3Folder, *, atlas=None
     Bad images are skipped and recorded, never raised.
     """
     from qkdissect.adapters.loading import wrap_model
-    from qkdissect.decomposition import dissect, library_versions
+    from qkdissect.decomposition import dissect
+    from qkdissect.files import library_versions
 
     started = time.perf_counter()
     loaded = wrap_model(model)

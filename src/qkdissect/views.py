@@ -235,7 +235,7 @@ def token_strings(ctx: ViewContext, input_ids: Tensor) -> list[str]:
 
 
 def _model_meta(ctx: ViewContext) -> dict[str, Any]:
-    from qkdissect.decomposition import library_versions
+    from qkdissect.files import library_versions
 
     preprocessing = ctx.loaded.preprocessing
     return {"model": ctx.loaded.spec, "checkpoint": ctx.loaded.checkpoint, "family": ctx.loaded.family,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, TypeVar
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, TypeVar
 
 import typer
 from rich.console import Console
@@ -12,8 +13,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from qkdissect.errors import QKDissectError
 from qkdissect.files import write_json
+from qkdissect.progress import ProgressFn
 
-__all__ = ["console", "err_console", "guarded", "parse_int_list", "parse_range", "progress_bar", "write_json"]
+__all__ = ["console", "err_console", "guarded", "parse_float_list", "parse_int_list", "parse_range", "progress_bar",
+           "progress_reporter", "write_json"]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -46,6 +49,17 @@ def parse_int_list(text: str, name: str = "value") -> list[int]:
     return values
 
 
+def parse_float_list(text: str, name: str = "value") -> list[float]:
+    """'5,4,3.5' -> [5.0, 4.0, 3.5]; QKDissectError naming ``name`` for anything else."""
+    try:
+        values = [float(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        raise QKDissectError(f"{name}: expected comma-separated numbers such as 5,4,3, got {text!r}.") from None
+    if not values:
+        raise QKDissectError(f"{name}: expected at least one number, got {text!r}.")
+    return values
+
+
 def parse_range(text: str, name: str = "value") -> list[int]:
     """'3' -> [3]; '0-5' -> [0, 1, 2, 3, 4, 5]."""
     try:
@@ -68,3 +82,20 @@ def progress_bar(*, transient: bool = False, unit: str = "") -> Progress:
         columns.append(TextColumn(f"{{task.fields[rate]}} {unit}"))
     return Progress(*columns, console=err_console, transient=transient)
 
+
+@contextmanager
+def progress_reporter(labels: dict[str, str] | None = None, *, transient: bool = False,
+                      unit: str = "") -> Iterator[ProgressFn]:
+    """A rich progress bar driven by qkdissect's one callback type ``progress(stage, done, total)``.
+
+    Each new ``stage`` gets its own bar, labelled ``labels.get(stage, stage)``.
+    """
+    tasks: dict[str, Any] = {}
+    with progress_bar(transient=transient, unit=unit) as bar:
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task((labels or {}).get(stage, stage), total=total, rate="–")
+            bar.update(tasks[stage], completed=done, total=total)
+
+        yield update

@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from qkdissect.decomposition import factored_svd
+from qkdissect.factored import factored_svd
 from qkdissect.dynamics import _checks
 from qkdissect.dynamics.icl_model import ICLBatch, ICLTransformer, icl_batch
 from qkdissect.dynamics.incontext import mode_recovery, sample_episode, task_subset

@@ -43,7 +43,8 @@ from typing import Any, Callable, Sequence
 
 from markupsafe import Markup
 
-from qkdissect.decomposition import ModeAtlas, library_versions
+from qkdissect.decomposition import ModeAtlas
+from qkdissect.files import library_versions
 from qkdissect.errors import QKDissectError
 from qkdissect.files import read_json_document
 from qkdissect.report.charts import cosine_svg, diverging_color, spectrum_svg, text_color
