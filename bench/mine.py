@@ -128,8 +128,8 @@ def main() -> None:
     from qkdissect import dissect
     from qkdissect.adapters import wrap_model
     from qkdissect.images import open_image
-    from qkdissect.mining_engine import MiningEngine
-    from qkdissect.mining_state import empty_state
+    from qkdissect.mining.engine import MiningEngine
+    from qkdissect.mining.state import empty_state
 
     model = timm.create_model("vit_small_patch16_224", pretrained=False).eval()
     loaded = wrap_model(model, spec="timm:vit_small_patch16_224 (random init)")

@@ -4,7 +4,7 @@
 
 A timm ``VisionTransformer`` (6 layers × 6 heads, d_model 192, 8-px patches on 64-px images,
 one CLS token, learned absolute position embeddings, no RoPE / QK-norm) learns four labels of
-each world scene at once (``qkdissect.world``: the odd object's shape, colour, 3×3 position
+each world scene at once (``qkdissect.synthetic.world``: the odd object's shape, colour, 3×3 position
 bin, and which feature makes it odd), one 27-logit head split per task, summed cross-entropy.
 
 Auxiliary dense objective (training only, not shipped): a LayerNorm + Linear(d_model, 3) reads
@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import subprocess
 import sys
@@ -49,7 +48,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from qkdissect.world import (  # noqa: E402
+from qkdissect.synthetic.world import (  # noqa: E402
     MEAN, STD, TASKS, WorldConfig, evaluate, generate, patch_fractions, split_logits, to_tensor,
 )
 
@@ -268,8 +267,8 @@ def main() -> None:
         "evaluation": {"seed": args.eval_seed, "n": args.eval_n, "dtype": "float32",
                        "accuracy": {k: round(v, 4) for k, v in held_out.items()},
                        "chance": chance, "eval_seconds": round(eval_seconds, 1),
-                       "how": "qkdissect.world.evaluate(model, seed, n): samples 0..n-1 of the eval seed"},
-        "data": "procedural (qkdissect.world); no external data",
+                       "how": "qkdissect.synthetic.world.evaluate(model, seed, n): samples 0..n-1 of the eval seed"},
+        "data": "procedural (qkdissect.synthetic.world); no external data",
         "git_commit": git_commit(),
         "versions": versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

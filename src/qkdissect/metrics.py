@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from qkdissect.errors import QKDissectError
-from qkdissect.factored import factored_svd, trace_over_nuclear
+from qkdissect.factored import factored_svd
 
 __all__ = [
     "NullReference",

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from qkdissect.comparison import ComparedModel
+    from qkdissect.decomposition import ModeAtlas
 
 __all__ = ["new_figure", "plot_compare", "plot_layer_similarity", "plot_mode_cosines", "save_figure"]
 
@@ -41,11 +45,11 @@ def _layer_ticks(ax, n_layers: int) -> None:
     ax.set_xticks(np.arange(0, n_layers, step))
 
 
-def _title(atlas) -> str:
+def _title(atlas: ModeAtlas) -> str:
     return f"{atlas.meta.get('model', '?')}  ({atlas.n_layers} layers × {atlas.n_heads} heads)"
 
 
-def plot_layer_similarity(atlas, path: str | os.PathLike) -> Path:
+def plot_layer_similarity(atlas: ModeAtlas, path: str | os.PathLike) -> Path:
     """Weighted cosine C_h per layer: each head a dot, mean ± std, the Gaussian null band shaded."""
     fig, ax = new_figure()
     weighted = atlas.weighted_cosines.double().numpy()
@@ -67,7 +71,7 @@ def plot_layer_similarity(atlas, path: str | os.PathLike) -> Path:
     return save_figure(fig, path)
 
 
-def plot_mode_cosines(atlas, path: str | os.PathLike) -> Path:
+def plot_mode_cosines(atlas: ModeAtlas, path: str | os.PathLike) -> Path:
     """Distribution of per-mode cosines u_k·v_k by layer (violins), null band shaded."""
     fig, ax = new_figure()
     cosines = atlas.cosines.double().numpy().reshape(atlas.n_layers, -1)
@@ -85,18 +89,16 @@ def plot_mode_cosines(atlas, path: str | os.PathLike) -> Path:
     return save_figure(fig, path)
 
 
-def plot_compare(atlases: Sequence, labels: Sequence[str], path: str | os.PathLike) -> Path:
-    """Mean weighted cosine (± std over heads) against relative depth for several models,
-    each with its own null band (dotted)."""
+def plot_compare(models: Sequence[ComparedModel], labels: Sequence[str], path: str | os.PathLike) -> Path:
+    """Mean weighted cosine (± std over heads) against relative depth for several models
+    (:class:`qkdissect.comparison.ComparedModel`), each with its own null band (dotted)."""
     fig, ax = new_figure()
     ax.axhline(0, color="k", lw=0.6)
-    for atlas, label in zip(atlases, labels):
-        weighted = atlas.weighted_cosines.double().numpy()
-        depth = np.arange(atlas.n_layers) / max(atlas.n_layers - 1, 1)
-        mean, std = weighted.mean(axis=1), weighted.std(axis=1)
+    for model, label in zip(models, labels):
+        depth, mean, std = (np.asarray(v, dtype=float) for v in (model.relative_depth, model.means, model.stds))
         (line,) = ax.plot(depth, mean, "-o", ms=4, label=label)
         ax.fill_between(depth, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
-        for bound in atlas.null.weighted_band:
+        for bound in model.band:
             ax.axhline(bound, color=line.get_color(), ls=":", lw=0.8)
     ax.set_xlabel("relative depth (layer / (n_layers − 1))")
     ax.set_ylabel("mean weighted cosine")

@@ -29,6 +29,7 @@ from qkdissect.errors import QKDissectError
 
 __all__ = [
     "LogitVarianceShares",
+    "StopForward",
     "atlas_input",
     "attention_from_modes",
     "capture_attention_inputs",
@@ -41,7 +42,7 @@ __all__ = [
 ]
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Raised inside the last needed hook to skip the rest of the forward pass."""
 
 
@@ -65,14 +66,14 @@ def capture_attention_inputs(
             x = args[0] if args else kwargs.get("hidden_states")
             captured[index] = x.detach()
             if stop_early and index == last:
-                raise _StopForward
+                raise StopForward
         return hook
 
     handles = [modules[i].register_forward_pre_hook(make_hook(i), with_kwargs=True) for i in wanted]
     try:
         with torch.no_grad():
             loaded.adapter.forward(inputs)
-    except _StopForward:
+    except StopForward:
         pass
     finally:
         for handle in handles:

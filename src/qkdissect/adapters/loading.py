@@ -56,16 +56,7 @@ def register_builtin(name: str, loader: Callable[..., LoadedModel], description:
 
 def builtin_models() -> dict[str, str]:
     """Names and one-line descriptions of the built-in models."""
-    _import_builtins()
     return {name: description for name, (_, description) in sorted(_BUILTINS.items())}
-
-
-def _import_builtins() -> None:
-    try:
-        import qkdissect.builtin  # noqa: F401  (registers its models on import)
-    except ModuleNotFoundError as error:
-        if error.name != "qkdissect.builtin":
-            raise
 
 
 def wrap_model(model: nn.Module | LoadedModel, spec: str | None = None) -> LoadedModel:
@@ -221,7 +212,6 @@ def load_model(
     processor: dict = {}
     tokenizer = None
     if spec.startswith("builtin:"):
-        _import_builtins()
         name = spec.split(":", 1)[1]
         if name not in _BUILTINS:
             known = ", ".join(f"builtin:{n}" for n in sorted(_BUILTINS)) or "none installed"

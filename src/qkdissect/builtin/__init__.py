@@ -1,7 +1,7 @@
 """Models that ship with qkdissect, so that it works offline on a fresh machine.
 
     builtin:oddvit   a small timm VisionTransformer trained by ``scripts/train_default_vit.py`` on the
-                     procedural odd-one-out world (``qkdissect.world``); weights in this folder:
+                     procedural odd-one-out world (``qkdissect.synthetic.world``); weights in this folder:
                      ``oddvit.safetensors`` (float32 state dict) + ``oddvit.json`` (the model card:
                      architecture kwargs, preprocessing, training config, seeds, held-out accuracy).
     builtin:minilm   the real all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers × 12 heads, d_model 384)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -88,14 +89,20 @@ def progress_reporter(labels: dict[str, str] | None = None, *, transient: bool =
                       unit: str = "") -> Iterator[ProgressFn]:
     """A rich progress bar driven by qkdissect's one callback type ``progress(stage, done, total)``.
 
-    Each new ``stage`` gets its own bar, labelled ``labels.get(stage, stage)``.
+    Each new ``stage`` gets its own bar, labelled ``labels.get(stage, stage)``; with ``unit`` (e.g. "img/s")
+    each bar also shows its rate: items done since the stage's first call (a resumed run starts part-way) per
+    second.
     """
-    tasks: dict[str, Any] = {}
+    tasks: dict[str, tuple[Any, float, int]] = {}
     with progress_bar(transient=transient, unit=unit) as bar:
 
         def update(stage: str, done: int, total: int) -> None:
             if stage not in tasks:
-                tasks[stage] = bar.add_task((labels or {}).get(stage, stage), total=total, rate="–")
-            bar.update(tasks[stage], completed=done, total=total)
+                tasks[stage] = (bar.add_task((labels or {}).get(stage, stage), total=total, rate="–"),
+                                time.perf_counter(), done)
+            task, started, first = tasks[stage]
+            elapsed = time.perf_counter() - started
+            rate = f"{(done - first) / elapsed:.1f}" if elapsed > 0 else "–"
+            bar.update(task, completed=done, total=total, rate=rate)
 
         yield update

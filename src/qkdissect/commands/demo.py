@@ -8,18 +8,11 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from qkdissect.commands.common import console, err_console, guarded, progress_bar
+from qkdissect.commands.common import console, err_console, guarded, progress_reporter
 
 
 def _step(number: int, total: int, title: str) -> None:
     console.rule(f"[bold]{number}/{total}  {escape(title)}")
-
-
-def _bar(description: str, total: int):
-    """A progress bar and an ``advance(n)`` callback for it."""
-    bar = progress_bar(transient=False)
-    task = bar.add_task(description, total=total)
-    return bar, lambda n=1: bar.advance(task, n)
 
 
 def register(app: typer.Typer) -> None:
@@ -45,11 +38,11 @@ def register(app: typer.Typer) -> None:
         from qkdissect.commands.dissect import summary_table, write_figures
         from qkdissect.errors import QKDissectError
         from qkdissect.mining import mine
-        from qkdissect.oddoneout import generate_oddoneout
+        from qkdissect.synthetic.oddoneout import generate_oddoneout
         from qkdissect.preference import run_preference, save_preference
         from qkdissect.report import build_report
         from qkdissect.views import prepare_view, run_maps
-        from qkdissect.world import write_world_images
+        from qkdissect.synthetic.world import write_world_images
 
         n_world = images or (48 if quick else 1000)
         n_odd = odd_images or (24 if quick else 300)
@@ -68,43 +61,29 @@ def register(app: typer.Typer) -> None:
 
         _step(2, steps, f"generate {n_world} images of the procedural world")
         height, width = loaded.preprocessing.image_size
-        bar, advance = _bar("world images", n_world)
-        with bar:
+        with progress_reporter({"world": "world images"}) as progress:
             world = write_world_images(out / "world", n_world, seed=seed, size=min(height, width),
-                                       progress=advance)
+                                       progress=progress)
 
         _step(3, steps, "query/key maps of the most grouping head of layer 0")
         head = int(atlas.weighted_cosines[0].argmax())
         picked = sorted(world.glob("*.png"))[:3]
         context = prepare_view(loaded, atlas)
-        bar, advance = _bar(f"maps (layer 0, head {head})", len(picked))
-        with bar:
+        with progress_reporter({"maps": f"maps (layer 0, head {head})"}) as progress:
             run_maps(context, out / "maps", layer=0, head=head, modes=[0, 1, 2, 3], images=picked,
-                     on_item=lambda _s: advance())
+                     progress=progress)
 
         _step(4, steps, f"mine the top images of every mode over {n_world} images")
-        bar = progress_bar()
-        tasks: dict[str, int] = {}
-
-        def report_mining(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task("mining images" if stage == "mining" else "contact sheets",
-                                            total=total)
-            bar.update(tasks[stage], completed=done, total=total)
-
-        with bar:
+        with progress_reporter({"mining": "mining images", "sheets": "contact sheets"}) as progress:
             mine(loaded, world, out / "mined", top_k=6 if quick else 9, batch_size=32, atlas=atlas,
-                 sheet_modes=(0, 1) if quick else (0, 1, 2, 3), progress=report_mining)
+                 sheet_modes=(0, 1) if quick else (0, 1, 2, 3), progress=progress)
 
         _step(5, steps, f"attention preference on {n_odd} odd-one-out images")
-        bar, advance = _bar("odd-one-out images", n_odd)
-        with bar:
+        with progress_reporter({"oddoneout": "odd-one-out images", "preference": "preference"}) as progress:
             generate_oddoneout(out / "oddoneout", n_odd, (height, width), seed=seed, objects=(3, 5),
-                               overwrite=True, on_image=lambda _i: advance())
-        bar, advance = _bar("preference", n_odd)
-        with bar:
+                               overwrite=True, progress=progress)
             preference = run_preference(loaded, out / "oddoneout", atlas=atlas, n_boot=200 if quick else 1000,
-                                        seed=seed, on_batch=advance)
+                                        seed=seed, progress=progress)
         save_preference(preference, out / "preference")
         same, other = (preference.curve("target", "measured", "raw", c).mean for c in ("same", "other"))
         console.print("attention of target queries, per layer:\n"
@@ -112,12 +91,9 @@ def register(app: typer.Typer) -> None:
                       "  to the other objects: " + " ".join(f"{v:.3f}" for v in other))
 
         _step(6, steps, "HTML report")
-        bar = progress_bar(transient=True)
-        task = bar.add_task("head pages", total=atlas.n_layers * atlas.n_heads)
-        with bar:
+        with progress_reporter({"pages": "head pages"}, transient=True) as progress:
             result = build_report(atlas, out / "report", atlas_dir=str(out / "atlas"), preference=out / "preference",
-                                  mined=out / "mined", maps=[out / "maps"],
-                                  progress=lambda done, _total: bar.update(task, completed=done))
+                                  mined=out / "mined", maps=[out / "maps"], progress=progress)
         for warning in result.warnings:
             console.print(f"[yellow]{escape(warning)}[/]")
 

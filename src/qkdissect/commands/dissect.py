@@ -3,29 +3,37 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import typer
 from rich.table import Table
 
-from qkdissect.commands.common import console, err_console, guarded, write_json
+from qkdissect.commands.common import console, err_console, guarded
+
+if TYPE_CHECKING:
+    from qkdissect.decomposition import ModeAtlas
 
 
-def summary_table(atlas, title: str) -> Table:
+def summary_table(atlas: ModeAtlas, title: str) -> Table:
     """Rich table: layer × mean / min / max weighted cosine, share of heads above/below the null."""
-    lo, hi = atlas.null.weighted_band
-    table = Table(title=title, caption=f"null: Gaussian heads, central {atlas.null.percentile:g}% band "
-                                       f"[{lo:+.3f}, {hi:+.3f}] of the weighted cosine")
+    return layer_table(atlas.layer_summary(), atlas.null.weighted_band, title,
+                       f"central {atlas.null.percentile:g}% band")
+
+
+def layer_table(rows: Sequence[dict[str, Any]], band: tuple[float, float], title: str, what: str = "band") -> Table:
+    """Rich table of ``ModeAtlas.layer_summary()`` rows with the null ``band`` of the weighted cosine."""
+    lo, hi = band
+    table = Table(title=title, caption=f"null: Gaussian heads, {what} [{lo:+.3f}, {hi:+.3f}] of the weighted cosine")
     for column in ("layer", "mean C", "min C", "max C", "heads > null", "heads < null", "modes > null"):
         table.add_column(column, justify="right")
-    for row in atlas.layer_summary():
+    for row in rows:
         table.add_row(str(row["layer"]), f"{row['mean_weighted_cosine']:+.3f}", f"{row['min_weighted_cosine']:+.3f}",
                       f"{row['max_weighted_cosine']:+.3f}", f"{row['share_heads_above_null']:.0%}",
                       f"{row['share_heads_below_null']:.0%}", f"{row['share_modes_above_null']:.0%}")
     return table
 
 
-def write_figures(atlas, out: Path) -> list[Path]:
+def write_figures(atlas: ModeAtlas, out: Path) -> list[Path]:
     from qkdissect.plots import plot_layer_similarity, plot_mode_cosines
 
     return [plot_layer_similarity(atlas, out / "layer_similarity.png"),
@@ -82,21 +90,10 @@ def register(app: typer.Typer) -> None:
         labels: Optional[str] = typer.Option(None, help="Comma-separated labels (default: the model specs)."),
     ) -> None:
         """Layer-wise similarity curves of several models side by side (relative depth on the x axis)."""
-        from qkdissect.decomposition import ModeAtlas
-        from qkdissect.errors import QKDissectError
-        from qkdissect.plots import plot_compare
+        from qkdissect.comparison import compare as run_compare
 
-        if len(atlases) < 2:
-            raise QKDissectError("compare needs at least two atlas folders.")
-        loaded = [ModeAtlas.load(path) for path in atlases]
-        names = labels.split(",") if labels else [str(a.meta.get("model", p)) for a, p in zip(loaded, atlases)]
-        if len(names) != len(loaded):
-            raise QKDissectError(f"got {len(names)} labels for {len(loaded)} atlases.")
-        figure = plot_compare(loaded, names, out / "compare.png")
-        write_json(out / "compare.json", {"models": [
-            {"label": name, "atlas": str(path), "model": atlas.meta.get("model"), "n_layers": atlas.n_layers,
-             "null_band": list(atlas.null.weighted_band), "layers": atlas.layer_summary()}
-            for name, path, atlas in zip(names, atlases, loaded)]})
-        for name, atlas in zip(names, loaded):
-            console.print(summary_table(atlas, name))
-        console.print(f"wrote {figure} and {out / 'compare.json'}")
+        comparison = run_compare(atlases, labels.split(",") if labels else None)
+        figure, index = comparison.save(out)
+        for model in comparison.models:
+            console.print(layer_table(model.layers, model.band, model.label))
+        console.print(f"wrote {figure} and {index}")

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from qkdissect.commands.common import console, err_console, guarded, parse_int_list, progress_bar
+from qkdissect.commands.common import console, err_console, guarded, parse_int_list, progress_reporter
 from qkdissect.errors import QKDissectError
 
 
@@ -33,11 +33,6 @@ def parse_objects(text: str) -> int | tuple[int, int]:
     if values != list(range(values[0], values[-1] + 1)):
         raise QKDissectError(f"--objects takes a count (5) or a range (3-6), got {text!r}.")
     return values[0], values[-1]
-
-
-def _rate(unit_count: int, started: float) -> str:
-    seconds = max(time.perf_counter() - started, 1e-9)
-    return f"{unit_count / seconds:.1f}"
 
 
 def preference_table(result, title: str, query: str = "target") -> Table:
@@ -87,18 +82,13 @@ def register(app: typer.Typer) -> None:
         masks) and manifest.json (seed, feature, per image the objects and their boxes). Same options, same
         seed: byte-identical files. Read it back with `qkdissect preference MODEL --data OUT`.
         """
-        from qkdissect.oddoneout import generate_oddoneout
+        from qkdissect.synthetic.oddoneout import generate_oddoneout
 
         hw = parse_size(size)
         started = time.perf_counter()
-        with progress_bar(unit="img/s") as progress:
-            task = progress.add_task("drawing", total=n, rate="–")
-
-            def advance(index: int) -> None:
-                progress.update(task, advance=1, rate=_rate(index + 1, started))
-
+        with progress_reporter({"oddoneout": "drawing"}, unit="img/s") as progress:
             manifest = generate_oddoneout(out, n, hw, seed=seed, feature=feature, objects=parse_objects(objects),
-                                          noise=noise, radius=radius, overwrite=overwrite, on_image=advance)
+                                          noise=noise, radius=radius, overwrite=overwrite, progress=progress)
         table = Table(title=f"odd-one-out data set in {out}")
         table.add_column("feature")
         table.add_column("images", justify="right")
@@ -143,7 +133,7 @@ def register(app: typer.Typer) -> None:
         """
         from qkdissect import load_model
         from qkdissect.decomposition import ModeAtlas
-        from qkdissect.oddoneout import read_o3_folder
+        from qkdissect.synthetic.oddoneout import read_o3_folder
         from qkdissect.preference import run_preference, save_preference
 
         folder = read_o3_folder(data)
@@ -151,21 +141,12 @@ def register(app: typer.Typer) -> None:
             loaded = load_model(model, checkpoint, random_init=random_init)
             loaded.model.to(device)
         mode_atlas = ModeAtlas.load(atlas) if atlas is not None else None
-        total = len(folder.items) if limit is None else min(limit, len(folder.items))
-        started = time.perf_counter()
-        with progress_bar(unit="img/s") as progress:
-            task = progress.add_task("attention", total=total, rate="–")
-            done = [0]
-
-            def advance(count: int) -> None:
-                done[0] += count
-                progress.update(task, advance=count, rate=_rate(done[0], started))
-
+        with progress_reporter({"preference": "attention"}, unit="img/s") as progress:
             result = run_preference(loaded, folder, atlas=mode_atlas, top_modes=parse_int_list(top_modes, "--top-modes"),
                                     threshold=threshold, batch_size=batch_size,
                                     layers=None if layers is None else parse_int_list(layers, "--layers"),
                                     n_boot=bootstrap, confidence=confidence, seed=seed, limit=limit,
-                                    on_batch=advance)
+                                    progress=progress)
         written = save_preference(result, out)
         meta = result.meta
         if not result.names:

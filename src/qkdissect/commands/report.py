@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from qkdissect.commands.common import console, err_console, guarded, progress_bar
+from qkdissect.commands.common import console, err_console, guarded, progress_reporter
 
 
 def register(app: typer.Typer) -> None:
@@ -45,17 +45,9 @@ def register(app: typer.Typer) -> None:
 
         with err_console.status(f"reading {atlas}"):
             loaded = ModeAtlas.load(atlas)
-        total = loaded.n_layers * loaded.n_heads
-        with progress_bar(transient=True, unit="pages/s") as bar:
-            task = bar.add_task("head pages", total=total, rate="")
-            started = bar.tasks[0].elapsed or 0.0
-
-            def advance(done: int, _total: int) -> None:
-                elapsed = bar.tasks[0].elapsed or 0.0
-                bar.update(task, completed=done, rate=f"{done / max(elapsed - started, 1e-9):.0f}")
-
+        with progress_reporter({"pages": "head pages"}, transient=True, unit="pages/s") as progress:
             result = build_report(loaded, out, atlas_dir=str(atlas), compare=compare or (),
-                                  preference=preference, mined=mined, maps=maps or (), progress=advance)
+                                  preference=preference, mined=mined, maps=maps or (), progress=progress)
         table = Table(title=escape(f"report of {loaded.meta.get('model', atlas)}"), show_header=False)
         table.add_column(style="bold")
         table.add_column()

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from qkdissect.commands.common import console, err_console, guarded, parse_int_list, progress_bar
+from qkdissect.commands.common import console, err_console, guarded, parse_int_list, progress_reporter
 
 MODEL_HELP = ("Model spec: timm:NAME, hf:ID_OR_FOLDER, builtin:NAME, a saved model folder, or a bare timm name.")
 BAD_IMAGE_POLICY = ("Images are opened with their own format (jpg/jpeg/png/webp/bmp); grayscale, palette and RGBA "
@@ -69,10 +69,9 @@ def register(app: typer.Typer) -> None:
         ctx = _load(model, checkpoint, random_init, atlas)
         selected = parse_int_list(modes, "modes")
         sources, texts = list(images or []), list(text or [])
-        with progress_bar(unit="") as progress:
-            task = progress.add_task("maps", total=len(sources) + len(texts))
+        with progress_reporter() as progress:
             result = run_maps(ctx, out, layer=layer, head=head, modes=selected, images=sources, texts=texts,
-                              signs=signs, on_item=lambda _s: progress.advance(task))
+                              signs=signs, progress=progress)
         table = Table(title=f"{ctx.loaded.spec}: layer {layer} head {head}, modes {selected}",
                       caption="share: of the head's logit variance; score± = max(0,max ±q)·max(0,max ±k)")
         for column in ("input", "mode", "σ", "cos(u,v)", "share", "score +", "score −"):
@@ -116,10 +115,9 @@ def register(app: typer.Typer) -> None:
         ctx = _load(model, checkpoint, random_init, atlas)
         layers = parse_int_list(layer, "layer")
         sources, texts = list(images or []), list(text or [])
-        with progress_bar() as progress:
-            task = progress.add_task("rank", total=len(sources) + len(texts))
+        with progress_reporter() as progress:
             result = run_rank(ctx, out, layers=layers, images=sources, texts=texts, top=top, by=by,
-                              patches_only=patches_only, on_item=lambda _s: progress.advance(task))
+                              patches_only=patches_only, progress=progress)
         for item in result.items:
             name = Path(item["source"]).name if item["kind"] == "image" else item["source"][:50]
             table = Table(title=f"{name}: top {len(item['top'])} of {len(layers)} layer(s) × {ctx.atlas.n_heads} "
@@ -173,7 +171,6 @@ def register(app: typer.Typer) -> None:
         states and writes the outputs.
         """
         import os
-        import time
 
         import torch
 
@@ -193,24 +190,11 @@ def register(app: typer.Typer) -> None:
             modes = []
         else:
             modes = parse_int_list(sheets_modes, "sheets-modes")
-        with progress_bar(unit="per s") as progress:
-            tasks: dict[str, int] = {}
-            clock: dict[str, tuple[float, int]] = {}
-
-            def report(stage: str, done: int, total: int) -> None:
-                now = time.perf_counter()
-                if stage not in tasks:
-                    tasks[stage] = progress.add_task("mining images" if stage == "mining" else "contact sheets",
-                                                     total=total, rate="—")
-                    clock[stage] = (now, done)
-                start, first = clock[stage]
-                rate = (done - first) / (now - start) if now > start else 0.0
-                progress.update(tasks[stage], completed=done, total=total, rate=f"{rate:.1f}")
-
+        with progress_reporter({"mining": "mining images", "sheets": "contact sheets"}, unit="per s") as progress:
             result = run_mine(loaded, images, out, top_k=top, batch_size=batch_size, workers=workers,
                               layers=chosen_layers, sheet_modes=modes, checkpoint_every=checkpoint_every,
                               resume=resume, device=device, atlas=None if atlas is None else ModeAtlas.load(atlas),
-                              progress=report if is_main else None)
+                              progress=progress if is_main else None)
         if result is None:
             return
         meta = result.meta

@@ -96,8 +96,8 @@ def preference_context(result, atlas, images: Path, page_of) -> dict[str, Any]:
 
     ``page_of(layer, head)`` gives the relative URL of a head page from the report root.
     """
-    from qkdissect.preference_plots import plot_preference, plot_preference_modes
-    from qkdissect.report import _png_size
+    from qkdissect.preference.plots import plot_preference, plot_preference_modes
+    from qkdissect.report.assets import png_size
 
     figures = []
     for plot, name, alt, caption in (
@@ -108,7 +108,7 @@ def preference_context(result, atlas, images: Path, page_of) -> dict[str, Any]:
          "Area-normalised shares measured and predicted from all QK modes and from the leading modes only."),
     ):
         path = plot(result, images / name)
-        width, height = _png_size(path)
+        width, height = png_size(path)
         figures.append({"src": f"img/{name}", "alt": alt, "caption": caption, "width": width, "height": height})
     meta = result.meta
     data = meta.get("data") or {}

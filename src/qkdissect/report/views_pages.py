@@ -167,7 +167,7 @@ class MapsViews:
         """Copy the figures of every maps folder of this head; template context (None: no maps)."""
         if (layer, head) not in self.by_head:
             return None
-        from qkdissect.report import _png_size
+        from qkdissect.report.assets import png_size
 
         folders = []
         for number, result in self.by_head[(layer, head)]:
@@ -184,7 +184,7 @@ class MapsViews:
                     name = Path("maps") / f"{number:02d}" / f"{index:03d}_{key}.png"
                     (images / name).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(source, images / name)
-                    width, height = _png_size(images / name)
+                    width, height = png_size(images / name)
                     figures.append({"src": f"{prefix}{name.as_posix()}", "mode": key, "width": width,
                                     "height": height})
                 modes = [{"mode": m["mode"], "sigma": m["sigma"], "cosine": m["cosine"], "share": m["share"],

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qkdissect.preference import CATEGORIES, QUERIES, PreferenceResult
+from qkdissect.preference.result import CATEGORIES, QUERIES, PreferenceResult
 
 __all__ = ["plot_preference", "plot_preference_modes"]
 

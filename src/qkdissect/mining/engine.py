@@ -27,8 +27,8 @@ from torch import Tensor
 
 from qkdissect.adapters.loading import LoadedModel
 from qkdissect.errors import QKDissectError
-from qkdissect.mining_state import RunningStats, TopK, merge_stats, merge_topk
-from qkdissect.projection import _StopForward
+from qkdissect.mining.state import RunningStats, TopK, merge_stats, merge_topk
+from qkdissect.projection import StopForward
 
 __all__ = ["LayerRoute", "MiningEngine"]
 
@@ -183,7 +183,7 @@ class MiningEngine:
         for slot, route in enumerate(self.routes):
             def finish(slot: int = slot) -> None:
                 if self.stop_early and slot == last:
-                    raise _StopForward
+                    raise StopForward
 
             if route.kind == "x":
                 def pre_hook(_module, args, kwargs, route=route, slot=slot, finish=finish):
@@ -238,7 +238,7 @@ class MiningEngine:
         try:
             with torch.no_grad():
                 self.loaded.adapter.forward(pixels.to(self.device))
-        except _StopForward:
+        except StopForward:
             pass
         finally:
             for handle in handles:

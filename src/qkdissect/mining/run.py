@@ -1,65 +1,29 @@
-"""Top images per mode over a whole image folder: one streaming pass, batched, resumable, sharded.
-
-For every mined layer, head h, mode k and sign s ∈ {+, −} (sign − is the mode (−u_k, −v_k)):
-
-    score_s(image) = max(0, max_p s·q_p) · max(0, max_p' s·k_p'),   q_p = u_k·x̃_p,  k_p = v_k·x̃_p
-
-over the patch tokens p of the image (prefix tokens dropped). The clamp at 0 keeps an image in
-which one side of the mode never turns positive from scoring high through a product of two
-negative maxima. The top-k images (ties: smaller index first) and the patches where the maxima
-occur are kept, with running mean / std / extrema of q and k per mode over all patch tokens.
-
-Files are read in sorted order (``images.list_images``) and cut into batches of ``batch_size``
-consecutive files; a run (or a shard) processes whole batches, so a resumed or sharded run
-sees exactly the batches of a single run and gives the same top-k. Unreadable files are
-skipped, counted and logged — never fatal (policy: ``images.open_image``).
-
-Folder written by :func:`mine` (read it with :func:`load_mined`)::
-
-    mined.json           format "qkdissect-mined": model, family, fingerprint, preprocessing,
-                         prefix tokens, grid, layers, heads, rank, top_k, score definition,
-                         map (sheet) modes, image root and counts, bad files, timings, versions,
-                         sheets [{layer, head, mode, sign, png}]
-    mined.safetensors    topk.scores / topk.image / topk.query_pos / topk.key_pos (L, H, r, 2, k);
-                         topk.maps (L, H, m, 2, k, 2, P) float16 raw (q, k) patch maps of the
-                         top images for the sheet modes; stats.total / stats.squares (L, 2, H, r)
-                         float64, stats.maximum / stats.minimum, stats.tokens, stats.images
-                         (axis 1: 0 = q, 1 = k; sign axis: 0 = +, 1 = −)
-    images.txt           the sorted image list (paths relative to the image root), one per line;
-                         topk.image indexes it
-    bad_images.log       path<TAB>reason for every skipped file
-    atlas/               the ModeAtlas the projections used
-    sheets/L<ll>/H<hh>_m<kkk>_<pos|neg>.png   contact sheets of the sheet modes
-    checkpoint/          rank-<r>-of-<w>.safetensors while a run is under way (removed at the end)
-"""
+"""The mining run: one streaming pass over an image folder, batched, resumable, sharded with torchrun."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from torch import Tensor
 
 from qkdissect.adapters.loading import LoadedModel, wrap_model
 from qkdissect.errors import QKDissectError
 from qkdissect.files import atomic_write, write_json
-from qkdissect.mining_engine import MiningEngine
-from qkdissect.mining_state import (RunningStats, TopK, empty_state, load_checkpoint, merge_stats, merge_topk,
-                                   save_checkpoint, state_from_tensors, state_tensors, stats_summary)
+from qkdissect.mining.engine import MiningEngine
+from qkdissect.mining.result import (FORMAT, FORMAT_VERSION, SCORE, SIGN_FILES, MinedResult, images_fingerprint,
+                                    load_mined, tensors_digest, weights_fingerprint)
+from qkdissect.mining.sheets import render_contact_sheet
+from qkdissect.mining.state import (RunningStats, TopK, empty_state, load_checkpoint, merge_stats, merge_topk,
+                                   save_checkpoint, state_from_tensors, state_tensors)
 
-__all__ = ["MinedResult", "load_mined", "mine", "render_contact_sheet"]
+__all__ = ["CRASH_HOOK", "mine"]
 
-FORMAT, FORMAT_VERSION = "qkdissect-mined", 1
-SIGN_FILES = ("pos", "neg")
 CRASH_HOOK = "QKDISSECT_TEST_CRASH_AFTER_BATCHES"  # test hook: raise after N batches of this run
-SCORE = "score± = max(0, max_p ±q_p)·max(0, max_p' ±k_p') over patch tokens; q = u·x̃, k = v·x̃"
 
 
 # ----- data --------------------------------------------------------------------------------------------------
@@ -96,29 +60,6 @@ def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-# ----- provenance ----------------------------------------------------------------------------------------------
-def _digest(tensors: dict[str, Tensor]) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for name in sorted(tensors):
-        value = tensors[name].detach().cpu().contiguous()
-        h.update(name.encode())
-        h.update(str(value.dtype).encode())
-        h.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
-    return h.hexdigest()
-
-
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """Hash of every parameter and buffer of ``model``."""
-    return _digest(dict(model.state_dict()))
-
-
-def images_fingerprint(root: Path, paths: Sequence[Path]) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for path in paths:
-        h.update(f"{path.relative_to(root).as_posix()}\t{path.stat().st_size}\n".encode())
-    return h.hexdigest()
-
-
 def _distributed(device: torch.device) -> tuple[int, int, torch.device, bool]:
     """(rank, world size, device, initialised here) from torchrun's environment."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -134,75 +75,6 @@ def _distributed(device: torch.device) -> tuple[int, int, torch.device, bool]:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         started = True
     return dist.get_rank(), dist.get_world_size(), device, started
-
-
-# ----- results -------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class MinedResult:
-    """A mining folder (see the module docstring). Tensors on CPU; ``layers`` are model layer ids
-    (axis 0 of every tensor); sign 0 = +, 1 = −; positions are row-major patch indices."""
-
-    directory: Path
-    meta: dict[str, Any]
-    layers: tuple[int, ...]
-    root: Path
-    image_paths: tuple[str, ...]
-    topk: TopK
-    stats: dict[str, Tensor]
-    map_modes: tuple[int, ...]
-    grid: tuple[int, int]
-    bad: tuple[tuple[str, str], ...]
-
-    def layer_slot(self, layer: int) -> int:
-        if layer not in self.layers:
-            raise QKDissectError(f"layer {layer} was not mined; mined layers: {list(self.layers)}.")
-        return self.layers.index(layer)
-
-    def top(self, layer: int, head: int, mode: int, sign: int | str = 0) -> list[dict[str, Any]]:
-        """The kept images of one (layer, head, mode, sign), best first: rank, image index, path,
-        score, query/key peak patch (row, col)."""
-        s = {"+": 0, "-": 1, "−": 1}.get(sign, sign) if isinstance(sign, str) else int(sign)
-        slot = self.layer_slot(layer)
-        cols = self.grid[1]
-        rows = []
-        for rank in range(self.topk.k):
-            index = int(self.topk.image[slot, head, mode, s, rank])
-            score = float(self.topk.scores[slot, head, mode, s, rank])
-            if index < 0 or score == float("-inf"):
-                continue
-            q_pos, k_pos = int(self.topk.query_pos[slot, head, mode, s, rank]), int(self.topk.key_pos[slot, head, mode, s, rank])
-            rows.append({"rank": rank, "image": index, "path": str(self.root / self.image_paths[index]),
-                         "relative_path": self.image_paths[index], "score": score,
-                         "query_patch": divmod(q_pos, cols), "key_patch": divmod(k_pos, cols),
-                         "query_pos": q_pos, "key_pos": k_pos})
-        return rows
-
-
-def load_mined(directory: str | os.PathLike) -> MinedResult:
-    """Read a folder written by ``qkdissect mine`` / :func:`mine`."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    index = directory / "mined.json"
-    if not index.is_file():
-        raise QKDissectError(f"{index} not found: {directory} is not a finished `qkdissect mine` folder "
-                             "(an interrupted run continues with --resume).")
-    try:
-        meta = json.loads(index.read_text())
-        tensors = load_file(str(directory / "mined.safetensors"))
-        paths = (directory / "images.txt").read_text().splitlines()
-    except Exception as error:  # noqa: BLE001
-        raise QKDissectError(f"{directory} is incomplete or corrupt ({type(error).__name__}: {error}); "
-                             "re-run `qkdissect mine`.") from None
-    if meta.get("format") != FORMAT or int(meta.get("format_version", -1)) > FORMAT_VERSION:
-        raise QKDissectError(f"{index} is not a {FORMAT} index this qkdissect reads.")
-    topk, stats = state_from_tensors(tensors)
-    return MinedResult(directory=directory, meta=meta, layers=tuple(meta["layers"]), root=Path(meta["image_root"]),
-                       image_paths=tuple(paths), topk=topk, stats={**stats_summary(stats), "tokens": stats.tokens,
-                                                                   "images": stats.images},
-                       map_modes=tuple(meta["map_modes"]), grid=tuple(meta["grid"]),
-                       bad=tuple((b["path"], b["reason"]) for b in meta.get("bad_images", [])))
-
 
 # ----- the run -----------------------------------------------------------------------------------------------------
 def _check_previous(out: Path, resume: bool, checkpoint: Path, fingerprint: dict[str, Any]) -> dict | None:
@@ -286,7 +158,7 @@ def mine(model: Any, images: str | os.PathLike, out: str | os.PathLike, *, top_k
                           route=route)
     fingerprint = {
         "model": loaded.spec, "weights": weights_fingerprint(loaded.model),
-        "atlas": _digest({f"{i}.{n}": getattr(m, n) for i, m in enumerate(atlas.layers) for n in ("U", "S", "V")}),
+        "atlas": tensors_digest({f"{i}.{n}": getattr(m, n) for i, m in enumerate(atlas.layers) for n in ("U", "S", "V")}),
         "images": images_fingerprint(root, paths), "n_images": len(paths), "top_k": top_k, "batch_size": batch_size,
         "layers": layers, "map_modes": map_modes, "preprocessing": preprocessing.to_dict(), "world_size": world,
         "format_version": FORMAT_VERSION}
@@ -421,102 +293,3 @@ def _write_outputs(out: Path, meta: dict[str, Any], root: Path, paths: Sequence[
     meta["total_seconds"] = round(time.perf_counter() - started, 3)
     write_json(out / "mined.json", meta)
     return load_mined(out)
-
-
-# ----- contact sheets ------------------------------------------------------------------------------------------------
-def _crop(result: MinedResult, index: int, cache: dict[int, Any]):
-    from qkdissect.adapters.base import Preprocessing
-    from qkdissect.images import open_image
-
-    if index not in cache:
-        if len(cache) > 512:
-            cache.pop(next(iter(cache)))
-        preprocessing = Preprocessing.from_dict(result.meta["preprocessing"])
-        try:
-            cache[index] = preprocessing.resize_and_crop(open_image(result.root / result.image_paths[index]))
-        except QKDissectError:
-            cache[index] = None
-    return cache[index]
-
-
-def _recompute_maps(result: MinedResult, model: Any, layer: int, head: int, mode: int,
-                    rows: list[dict[str, Any]]) -> list[tuple[Tensor, Tensor] | None]:
-    """Maps of one mode for the kept images, by running ``model`` again (for modes without stored maps)."""
-    from qkdissect.adapters.base import Preprocessing
-    from qkdissect.decomposition import ModeAtlas
-    from qkdissect.images import open_image
-    from qkdissect.projection import capture_attention_inputs, project
-
-    loaded = wrap_model(model)
-    if weights_fingerprint(loaded.model) != result.meta["fingerprint"]["weights"]:
-        raise QKDissectError("this model's weights differ from the mined model's; its maps would not match.")
-    atlas = ModeAtlas.load(result.directory / "atlas")
-    preprocessing = Preprocessing.from_dict(result.meta["preprocessing"])
-    n_prefix = len(result.meta["prefix_tokens"])
-    maps: list[tuple[Tensor, Tensor] | None] = []
-    for row in rows:
-        pixels = preprocessing(open_image(row["path"]))[None].to(next(loaded.model.parameters()).device)
-        x = capture_attention_inputs(loaded, pixels, [layer])[layer]
-        q, k = project(atlas, layer, x)
-        maps.append((q[0, head, n_prefix:, mode].float().cpu(), k[0, head, n_prefix:, mode].float().cpu()))
-    return maps
-
-
-def render_contact_sheet(mined: str | os.PathLike | MinedResult, layer: int, head: int, mode: int, sign: int | str,
-                         out_png: str | os.PathLike, *, model: Any = None, tile_size: int = 160,
-                         _cache: dict | None = None) -> Path:
-    """Draw the top-k images of one (layer, head, mode, sign) as a contact sheet PNG.
-
-    Each tile: the image crop with the query map (red) and key map (cyan) of that sign overlaid
-    and rings at the peak patches, captioned with rank, file name and score. Maps come from
-    the mining folder for its sheet modes; for other modes they are recomputed with ``model``
-    (the mined model; its weights are checked) or, without it, only the peak rings are drawn.
-    """
-    import numpy as np
-    from PIL import Image
-
-    from qkdissect.overlays import contact_sheet, draw_markers, overlay_rgb
-
-    result = mined if isinstance(mined, MinedResult) else load_mined(mined)
-    s = {"+": 0, "-": 1, "−": 1}[sign] if isinstance(sign, str) else int(sign)
-    if not (0 <= head < result.meta["n_heads"] and 0 <= mode < result.meta["rank"] and s in (0, 1)):
-        raise QKDissectError(f"no (head {head}, mode {mode}, sign {sign}) in this mining run "
-                             f"({result.meta['n_heads']} heads × {result.meta['rank']} modes, signs + and −).")
-    slot = result.layer_slot(layer)
-    rows = result.top(layer, head, mode, s)
-    cache = {} if _cache is None else _cache
-    note = ""
-    if mode in result.map_modes:
-        position = result.map_modes.index(mode)
-        stored = result.topk.maps[slot, head, position, s]  # (k, 2, P)
-        maps = [(stored[row["rank"], 0].float(), stored[row["rank"], 1].float()) for row in rows]
-    elif model is not None:
-        maps = _recompute_maps(result, model, layer, head, mode, rows)
-    else:
-        maps, note = [None] * len(rows), "  (rings only: pass the model to draw maps)"
-    rows_, cols = result.grid
-    sign_factor = 1 if s == 0 else -1
-    tiles, captions = [], []
-    for row, pair in zip(rows, maps):
-        crop = _crop(result, row["image"], cache)
-        if crop is None:
-            tile = Image.new("RGB", (tile_size, tile_size), "#dddddd")
-        else:
-            from qkdissect.overlays import display_size
-
-            array = display_size(np.asarray(crop), tile_size)
-            if pair is not None:
-                q_map, k_map = (m.reshape(rows_, cols).numpy() for m in pair)
-                array = overlay_rgb(array, q_map, k_map, sign_factor)
-            else:
-                grey = array.mean(axis=-1, keepdims=True).repeat(3, axis=-1) * 0.8
-                array = grey.astype(np.uint8)
-            tile = draw_markers(Image.fromarray(array), result.grid, row["query_pos"], row["key_pos"])
-        tiles.append(tile)
-        captions.append(f"#{row['rank'] + 1} {Path(row['relative_path']).name}\nscore {row['score']:.4g}")
-    title = (f"layer {layer}  head {head}  mode {mode}  sign {'+−'[s]}\ntop {len(rows)} of "
-             f"{int(result.stats['images'])} images; red: query, cyan: key{note}")
-    sheet = contact_sheet(tiles, captions, title=title, tile_size=tile_size)
-    out_png = Path(out_png)
-    atomic_write(out_png, lambda p: sheet.save(p, format="PNG", compress_level=1))
-    return out_png

@@ -1,6 +1,6 @@
 """The procedural training world of the embedded model ``builtin:oddvit``.
 
-Each image is an odd-one-out scene (``qkdissect.scenes.odd_one_out_scene``): 3–5 flat-coloured
+Each image is an odd-one-out scene (``qkdissect.synthetic.scenes.odd_one_out_scene``): 3–5 flat-coloured
 objects on a noisy grey background, all identical except one *target* that differs in colour,
 shape, size or orientation. Four labels per image, each needing the model to group the
 objects and compare them (the target is only "odd" in the context of the others):
@@ -37,7 +37,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from qkdissect.errors import QKDissectError
-from qkdissect.scenes import COLOURS, FEATURES, SHAPES, SceneObject, odd_one_out_scene
+from qkdissect.progress import ProgressFn, report
+from qkdissect.synthetic.scenes import COLOURS, FEATURES, SHAPES, SceneObject, odd_one_out_scene
 
 __all__ = [
     "MEAN", "STD", "TASKS", "Task", "WorldBatch", "WorldConfig", "accuracy", "chance_levels", "evaluate",
@@ -231,7 +232,7 @@ def chance_levels(labels: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
 
 
 def evaluate(model: Callable, seed: int, n: int, config: WorldConfig = WorldConfig(), batch_size: int = 250,
-             progress: Callable[[int], None] | None = None) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+             progress: ProgressFn | None = None) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """Accuracy per task of ``model`` (pixel tensor (B, 3, H, W) -> logits (B, 27)) on samples
     ``0 … n−1`` of the set with ``seed``; also the chance levels of that set. Runs in float32, no grad."""
     import torch
@@ -244,15 +245,14 @@ def evaluate(model: Callable, seed: int, n: int, config: WorldConfig = WorldConf
             for task in TASKS:
                 predicted[task.name].append(logits[task.name].argmax(-1).numpy())
                 truth[task.name].append(batch.labels[task.name])
-            if progress is not None:
-                progress(len(batch))
+            report(progress, "evaluate", int(batch.indices[-1]) + 1, n)
     predicted = {k: np.concatenate(v) for k, v in predicted.items()}
     truth = {k: np.concatenate(v) for k, v in truth.items()}
     return accuracy(predicted, truth), chance_levels(truth)
 
 
 def write_world_images(folder: str | os.PathLike, n: int, seed: int = 2, size: int = 64,
-                       config: WorldConfig | None = None, progress: Callable[[int], None] | None = None) -> Path:
+                       config: WorldConfig | None = None, progress: ProgressFn | None = None) -> Path:
     """Write samples ``0 … n−1`` of the world with ``seed`` as PNGs plus ``world.json`` (see module doc).
 
     Existing images of the same (seed, index, size) are rewritten identically, so a re-run is harmless.
@@ -276,8 +276,7 @@ def write_world_images(folder: str | os.PathLike, n: int, seed: int = 2, size: i
             atomic_write(folder / name, lambda p, a=batch.images[row]: Image.fromarray(a).save(p, format="PNG"))
             records.append({"file": name, "index": int(index), "labels": batch.label_names(row),
                             "objects": [obj.to_dict() for obj in batch.objects[row]]})
-        if progress is not None:
-            progress(len(batch))
+        report(progress, "world", len(records), n)
     write_json(folder / "world.json", {
         "format": WORLD_FORMAT, "version": 1, "seed": int(seed), "n": int(n), "config": config.to_dict(),
         "tasks": {task.name: list(task.classes) for task in TASKS}, "images": records,

@@ -1,0 +1,150 @@
+"""Several models side by side over relative depth: :func:`compare`, and its folder format ``qkdissect-compare``.
+
+For model m with L_m layers, layer l sits at relative depth l / (L_m − 1); per layer the mean and standard
+deviation over heads of the weighted cosine C_h = Σσcos/Σσ = tr(M)/‖M‖_* are kept, with the model's own null band
+(models of different shapes have different nulls).
+
+Folder written by :meth:`Comparison.save` (read with :func:`load_compare`)::
+
+    compare.json   {"format": "qkdissect-compare", "format_version": 1, "created", "versions",
+                    "models": [{label, model, family, atlas, n_layers, n_heads, d_model, d_head, null_band,
+                                weighted_cosines (L, H), layers: atlas.layer_summary() rows}]}
+    compare.png    mean C_h (± std over heads) against relative depth, dotted null bands
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from qkdissect.decomposition import ModeAtlas
+from qkdissect.errors import QKDissectError
+from qkdissect.files import library_versions, read_json_document, write_json
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "ComparedModel", "Comparison", "compare", "load_compare"]
+
+FORMAT, FORMAT_VERSION = "qkdissect-compare", 1
+
+
+@dataclass(frozen=True)
+class ComparedModel:
+    """One model of a comparison. ``means``/``stds``: per-layer mean/std of C_h over heads; ``weighted``: C_h per
+    (layer, head); ``layers``: the atlas's per-layer summary rows; ``atlas``: the source atlas folder (or "")."""
+
+    label: str
+    model: str
+    family: str
+    n_layers: int
+    n_heads: int
+    d_model: int
+    d_head: int
+    band: tuple[float, float]
+    weighted: tuple[tuple[float, ...], ...]
+    layers: tuple[dict[str, Any], ...]
+    atlas: str = ""
+
+    @property
+    def means(self) -> tuple[float, ...]:
+        return tuple(float(row["mean_weighted_cosine"]) for row in self.layers)
+
+    @property
+    def stds(self) -> tuple[float, ...]:
+        return tuple(float(row["std_weighted_cosine"]) for row in self.layers)
+
+    @property
+    def above(self) -> float:
+        """Share of all heads above the null band."""
+        return sum(float(row["share_heads_above_null"]) for row in self.layers) / max(len(self.layers), 1)
+
+    @property
+    def relative_depth(self) -> tuple[float, ...]:
+        return tuple(layer / max(self.n_layers - 1, 1) for layer in range(self.n_layers))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"label": self.label, "model": self.model, "family": self.family, "atlas": self.atlas,
+                "n_layers": self.n_layers, "n_heads": self.n_heads, "d_model": self.d_model, "d_head": self.d_head,
+                "null_band": list(self.band), "weighted_cosines": [list(row) for row in self.weighted],
+                "layers": list(self.layers)}
+
+    @classmethod
+    def from_atlas(cls, atlas: ModeAtlas, label: str | None = None, source: str = "") -> "ComparedModel":
+        return cls(label=label or str(atlas.meta.get("model", source or "?")), model=str(atlas.meta.get("model", "?")),
+                   family=str(atlas.meta.get("family", "?")), n_layers=atlas.n_layers, n_heads=atlas.n_heads,
+                   d_model=atlas.d_model, d_head=atlas.rank, band=tuple(atlas.null.weighted_band),
+                   weighted=tuple(tuple(row) for row in atlas.weighted_cosines.double().tolist()),
+                   layers=tuple(atlas.layer_summary()), atlas=source)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The models of a comparison, in order, with provenance (``meta``: created, versions)."""
+
+    models: tuple[ComparedModel, ...]
+    meta: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, **self.meta,
+                "models": [model.to_json() for model in self.models]}
+
+    def save(self, out: str | os.PathLike, figure: bool = True) -> list[Path]:
+        """Write ``compare.json`` (and ``compare.png``) into ``out``; returns the files written."""
+        out = Path(out)
+        written = []
+        if figure:
+            from qkdissect.plots import plot_compare
+
+            written.append(plot_compare(self.models, [m.label for m in self.models], out / "compare.png"))
+        written.append(write_json(out / "compare.json", self.to_json()))
+        return written
+
+
+def compare(atlases: Sequence[ModeAtlas | str | os.PathLike], labels: Sequence[str] | None = None) -> Comparison:
+    """Compare two or more models (ModeAtlas objects or atlas folders) over relative depth.
+
+    ``labels``: one per atlas (default: each atlas's model spec).
+    """
+    if len(atlases) < 2:
+        raise QKDissectError(f"a comparison needs at least two atlases, got {len(atlases)}.")
+    if labels is not None and len(labels) != len(atlases):
+        raise QKDissectError(f"got {len(labels)} labels for {len(atlases)} atlases; give one label per atlas.")
+    models = []
+    for index, item in enumerate(atlases):
+        atlas, source = (item, "") if isinstance(item, ModeAtlas) else (ModeAtlas.load(item), str(item))
+        models.append(ComparedModel.from_atlas(atlas, None if labels is None else labels[index], source))
+    return Comparison(models=tuple(models), meta={"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                                  "versions": library_versions()})
+
+
+def load_compare(folder: str | os.PathLike) -> Comparison:
+    """Read a folder written by :meth:`Comparison.save` (``qkdissect compare``); QKDissectError for anything else."""
+    path = Path(folder) / "compare.json"
+    remedy = "re-run `qkdissect compare`"
+    document = read_json_document(path, missing=f"{folder} is not a `qkdissect compare` folder", remedy=remedy)
+    if document.get("format") != FORMAT:
+        raise QKDissectError(f"{path} is not a readable `qkdissect compare` result (format "
+                             f"{document.get('format')!r}, expected {FORMAT!r}); {remedy}.")
+    if int(document.get("format_version", -1)) > FORMAT_VERSION:
+        raise QKDissectError(f"{path} has format version {document.get('format_version')}, newer than this "
+                             f"qkdissect reads ({FORMAT_VERSION}); upgrade qkdissect.")
+    try:
+        models = tuple(ComparedModel(
+            label=str(entry["label"]), model=str(entry["model"]), family=str(entry["family"]),
+            n_layers=int(entry["n_layers"]), n_heads=int(entry["n_heads"]), d_model=int(entry["d_model"]),
+            d_head=int(entry["d_head"]), band=(float(entry["null_band"][0]), float(entry["null_band"][1])),
+            weighted=tuple(tuple(float(v) for v in row) for row in entry["weighted_cosines"]),
+            layers=tuple(dict(row) for row in entry["layers"]), atlas=str(entry.get("atlas", "")))
+            for entry in document["models"])
+        for model in models:
+            if len(model.layers) != model.n_layers or len(model.weighted) != model.n_layers:
+                raise ValueError(f"{model.label}: {len(model.layers)} layer rows for n_layers {model.n_layers}")
+            model.means, model.stds  # noqa: B018  (every row must carry its statistics)
+    except (ValueError, KeyError, TypeError, IndexError) as error:
+        raise QKDissectError(f"{path} is not a readable `qkdissect compare` result ({type(error).__name__}: "
+                             f"{error}); {remedy}.") from None
+    if not models:
+        raise QKDissectError(f"{path} lists no models; {remedy}.")
+    meta = {k: v for k, v in document.items() if k not in ("format", "format_version", "models")}
+    return Comparison(models=models, meta=meta)

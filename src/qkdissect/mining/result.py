@@ -1,0 +1,115 @@
+"""The mining folder format (``qkdissect-mined``): :class:`MinedResult`, :func:`load_mined`, fingerprints.
+
+See :mod:`qkdissect.mining` for the files a mining run writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from qkdissect.errors import QKDissectError
+from qkdissect.mining.state import TopK, state_from_tensors, stats_summary
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "MinedResult", "SCORE", "SIGN_FILES", "images_fingerprint", "tensors_digest", "load_mined",
+           "weights_fingerprint"]
+
+FORMAT, FORMAT_VERSION = "qkdissect-mined", 1
+SIGN_FILES = ("pos", "neg")
+SCORE = "score± = max(0, max_p ±q_p)·max(0, max_p' ±k_p') over patch tokens; q = u·x̃, k = v·x̃"
+
+
+def tensors_digest(tensors: dict[str, Tensor]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(tensors):
+        value = tensors[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(value.dtype).encode())
+        h.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return h.hexdigest()
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """Hash of every parameter and buffer of ``model``."""
+    return tensors_digest(dict(model.state_dict()))
+
+
+def images_fingerprint(root: Path, paths: Sequence[Path]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for path in paths:
+        h.update(f"{path.relative_to(root).as_posix()}\t{path.stat().st_size}\n".encode())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class MinedResult:
+    """A mining folder (see the module docstring). Tensors on CPU; ``layers`` are model layer ids
+    (axis 0 of every tensor); sign 0 = +, 1 = −; positions are row-major patch indices."""
+
+    directory: Path
+    meta: dict[str, Any]
+    layers: tuple[int, ...]
+    root: Path
+    image_paths: tuple[str, ...]
+    topk: TopK
+    stats: dict[str, Tensor]
+    map_modes: tuple[int, ...]
+    grid: tuple[int, int]
+    bad: tuple[tuple[str, str], ...]
+
+    def layer_slot(self, layer: int) -> int:
+        if layer not in self.layers:
+            raise QKDissectError(f"layer {layer} was not mined; mined layers: {list(self.layers)}.")
+        return self.layers.index(layer)
+
+    def top(self, layer: int, head: int, mode: int, sign: int | str = 0) -> list[dict[str, Any]]:
+        """The kept images of one (layer, head, mode, sign), best first: rank, image index, path,
+        score, query/key peak patch (row, col)."""
+        s = {"+": 0, "-": 1, "−": 1}.get(sign, sign) if isinstance(sign, str) else int(sign)
+        slot = self.layer_slot(layer)
+        cols = self.grid[1]
+        rows = []
+        for rank in range(self.topk.k):
+            index = int(self.topk.image[slot, head, mode, s, rank])
+            score = float(self.topk.scores[slot, head, mode, s, rank])
+            if index < 0 or score == float("-inf"):
+                continue
+            q_pos, k_pos = int(self.topk.query_pos[slot, head, mode, s, rank]), int(self.topk.key_pos[slot, head, mode, s, rank])
+            rows.append({"rank": rank, "image": index, "path": str(self.root / self.image_paths[index]),
+                         "relative_path": self.image_paths[index], "score": score,
+                         "query_patch": divmod(q_pos, cols), "key_patch": divmod(k_pos, cols),
+                         "query_pos": q_pos, "key_pos": k_pos})
+        return rows
+
+
+def load_mined(directory: str | os.PathLike) -> MinedResult:
+    """Read a folder written by ``qkdissect mine`` / :func:`mine`."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    index = directory / "mined.json"
+    if not index.is_file():
+        raise QKDissectError(f"{index} not found: {directory} is not a finished `qkdissect mine` folder "
+                             "(an interrupted run continues with --resume).")
+    try:
+        meta = json.loads(index.read_text())
+        tensors = load_file(str(directory / "mined.safetensors"))
+        paths = (directory / "images.txt").read_text().splitlines()
+    except Exception as error:  # noqa: BLE001
+        raise QKDissectError(f"{directory} is incomplete or corrupt ({type(error).__name__}: {error}); "
+                             "re-run `qkdissect mine`.") from None
+    if meta.get("format") != FORMAT or int(meta.get("format_version", -1)) > FORMAT_VERSION:
+        raise QKDissectError(f"{index} is not a {FORMAT} index this qkdissect reads.")
+    topk, stats = state_from_tensors(tensors)
+    return MinedResult(directory=directory, meta=meta, layers=tuple(meta["layers"]), root=Path(meta["image_root"]),
+                       image_paths=tuple(paths), topk=topk, stats={**stats_summary(stats), "tokens": stats.tokens,
+                                                                   "images": stats.images},
+                       map_modes=tuple(meta["map_modes"]), grid=tuple(meta["grid"]),
+                       bad=tuple((b["path"], b["reason"]) for b in meta.get("bad_images", [])))

@@ -1,0 +1,141 @@
+"""Writing and reading an attention-preference folder (``qkdissect-preference``): JSON index, safetensors, CSV
+(and Parquet) tables, figures."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qkdissect.errors import QKDissectError
+from qkdissect.synthetic.oddoneout import Problem
+from qkdissect.files import atomic_write, write_json
+from qkdissect.preference.result import (CATEGORIES, FORMAT, FORMAT_VERSION, QUERIES, VARIANTS, Interval,
+                                         PreferenceResult, json_number)
+
+__all__ = ["load_preference", "save_preference"]
+
+
+def _layer_document(result: PreferenceResult) -> list[dict[str, Any]]:
+    rows = []
+    for li, layer in enumerate(result.layers):
+        entry: dict[str, Any] = {"layer": layer}
+        for qi, query in enumerate(QUERIES):
+            block: dict[str, Any] = {}
+            for si, source in enumerate(result.sources):
+                block[source] = {variant: {category: {k: json_number(getattr(result.layer, k)[li, qi, si, vi, ci])
+                                                      for k in ("mean", "lo", "hi")}
+                                           for ci, category in enumerate(CATEGORIES)}
+                                 for vi, variant in enumerate(VARIANTS)}
+            block["prefix"] = {source: {k: json_number(getattr(result.prefix_layer, k)[li, qi, si]) for k in ("mean", "lo", "hi")}
+                               for si, source in enumerate(result.sources)}
+            entry[query] = block
+        rows.append(entry)
+    return rows
+
+
+def _table_rows(result: PreferenceResult, per_head: bool) -> list[list[Any]]:
+    stats, prefix = (result.head, result.prefix_head) if per_head else (result.layer, result.prefix_layer)
+    counts = [result.n_images(q) for q in QUERIES]
+    rows = []
+    for index in np.ndindex(stats.mean.shape):
+        li, rest = index[0], index[1:]
+        head = [rest[0]] if per_head else []
+        qi, si, vi, ci = rest[-4:]
+        rows.append([result.layers[li], *head, QUERIES[qi], result.sources[si], VARIANTS[vi], CATEGORIES[ci],
+                     *(json_number(getattr(stats, k)[index]) for k in ("mean", "lo", "hi")), counts[qi]])
+    for index in np.ndindex(prefix.mean.shape):
+        li, rest = index[0], index[1:]
+        head = [rest[0]] if per_head else []
+        qi, si = rest[-2:]
+        rows.append([result.layers[li], *head, QUERIES[qi], result.sources[si], "prefix", "prefix",
+                     *(json_number(getattr(prefix, k)[index]) for k in ("mean", "lo", "hi")), counts[qi]])
+    return rows
+
+
+def _write_table(path: Path, header: list[str], rows: list[list[Any]]) -> list[Path]:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            writer.writerows(["" if v is None else v for v in row] for row in rows)
+
+    written = [atomic_write(path, write)]
+    try:  # optional: parquet only when pyarrow (and pandas) are installed
+        import pandas
+        import pyarrow  # noqa: F401
+    except ImportError:
+        return written
+    frame = pandas.DataFrame(rows, columns=header)
+    written.append(atomic_write(path.with_suffix(".parquet"), lambda p: frame.to_parquet(p, index=False)))
+    return written
+
+
+def save_preference(result: PreferenceResult, out: str | os.PathLike, figures: bool = True) -> list[Path]:
+    """Write the output folder described in the module docstring; returns the files written."""
+    from safetensors.numpy import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = {"shares": result.shares, "prefix": result.prefix}
+    for name, interval in (("layer", result.layer), ("head", result.head), ("prefix_layer", result.prefix_layer),
+                           ("prefix_head", result.prefix_head)):
+        for key in ("mean", "lo", "hi"):
+            arrays[f"{name}_{key}"] = getattr(interval, key)
+    arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}
+    written = [atomic_write(out / "preference.safetensors",
+                            lambda p: save_file(arrays, str(p), metadata={"format": FORMAT}))]
+    document = {**result.meta, "names": list(result.names),
+                "problems": [p.to_dict() for p in result.problems], "layers": _layer_document(result)}
+    written.append(write_json(out / "preference.json", document))
+    columns = ["layer", "query", "source", "variant", "category", "mean", "lo", "hi", "n_images"]
+    written += _write_table(out / "preference_layers.csv", columns, _table_rows(result, per_head=False))
+    written += _write_table(out / "preference_heads.csv", columns[:1] + ["head"] + columns[1:],
+                            _table_rows(result, per_head=True))
+    written += _write_table(out / "problems.csv", ["name", "kind", "detail"],
+                            [[p.name, p.kind, p.detail] for p in result.problems])
+    if figures and len(result.names):
+        from qkdissect.preference.plots import plot_preference, plot_preference_modes
+
+        written.append(plot_preference(result, out / "preference.png"))
+        written.append(plot_preference_modes(result, out / "preference_modes.png"))
+    return written
+
+
+def load_preference(directory: str | os.PathLike) -> PreferenceResult:
+    """Read a folder written by :func:`save_preference` (QKDissectError when missing or corrupt)."""
+    from safetensors.numpy import load_file
+
+    directory = Path(directory)
+    json_path, array_path = directory / "preference.json", directory / "preference.safetensors"
+    for path in (json_path, array_path):
+        if not path.is_file():
+            raise QKDissectError(f"{path} not found: {directory} is not a preference folder. Create one with "
+                                 "`qkdissect preference MODEL --data DIR --out OUT`.")
+    try:
+        document = json.loads(json_path.read_text())
+        arrays = load_file(str(array_path))
+    except Exception as error:  # noqa: BLE001 — any reader failure means a corrupt file
+        raise QKDissectError(f"{directory} holds a corrupt preference result ({type(error).__name__}: {error}); "
+                             "re-run `qkdissect preference`.") from None
+    if document.get("format") != FORMAT:
+        raise QKDissectError(f"{json_path} is not a qkdissect preference file.")
+    if int(document.get("format_version", -1)) > FORMAT_VERSION:
+        raise QKDissectError(f"{json_path} has format version {document.get('format_version')}, newer than this "
+                             f"qkdissect reads ({FORMAT_VERSION}); upgrade qkdissect.")
+
+    def interval(name: str) -> Interval:
+        return Interval(*(arrays[f"{name}_{k}"].astype(np.float64) for k in ("mean", "lo", "hi")))
+
+    problems = tuple(Problem(p["name"], p["kind"], p["detail"]) for p in document.get("problems", []))
+    meta = {k: v for k, v in document.items() if k not in ("layers", "problems", "names")}
+    return PreferenceResult(meta=meta, layers=tuple(document["layers_analysed"]), sources=tuple(document["sources"]),
+                            names=tuple(document.get("names", [])), shares=arrays["shares"], prefix=arrays["prefix"],
+                            layer=interval("layer"), head=interval("head"), prefix_layer=interval("prefix_layer"),
+                            prefix_head=interval("prefix_head"), skipped=dict(document.get("skipped", {})),
+                            problems=problems)
+

@@ -1,0 +1,225 @@
+"""What every per-input view shares: the model and atlas (:class:`ViewContext`), the inputs (images or texts),
+the maps of one head, their scores, and the provenance written with them."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from qkdissect.adapters.loading import LoadedModel, wrap_model
+from qkdissect.errors import QKDissectError
+from qkdissect.files import atomic_write, read_json_document
+from qkdissect.projection import (capture_attention_inputs, key_bias_logits, logit_variance_shares,
+                                  mode_contributions, project)
+
+
+__all__ = ["FORMAT_VERSION", "MAPS_FORMAT", "RANK_FORMAT", "HeadMaps", "ViewContext", "ViewInput", "check_head", "check_inputs", "forward_input", "head_maps", "iter_inputs", "model_meta", "prepare_view", "read_view_document", "safe_stem", "save_tensors", "scores_from_maps", "token_strings"]
+
+MAPS_FORMAT, RANK_FORMAT, FORMAT_VERSION = "qkdissect-maps", "qkdissect-rank", 1
+
+
+@dataclass(frozen=True)
+class ViewContext:
+    """A model with its adapter, the atlas of its modes and the token layout."""
+
+    loaded: LoadedModel
+    atlas: Any  # ModeAtlas
+
+    @property
+    def n_prefix(self) -> int:
+        return len(self.loaded.adapter.prefix_tokens)
+
+    @property
+    def modality(self) -> str:
+        return self.loaded.adapter.modality
+
+    def grid(self) -> tuple[int, int] | None:
+        if self.modality != "image":
+            return None
+        return self.loaded.adapter.patch_grid(self.loaded.preprocessing.image_size)
+
+
+def prepare_view(model: Any, atlas: Any = None) -> ViewContext:
+    """Wrap ``model`` and decompose it (float64) unless a matching ``atlas`` is given."""
+    from qkdissect.decomposition import dissect
+
+    loaded = wrap_model(model)
+    if atlas is None:
+        atlas = dissect(loaded, dtype="float64", null_samples=64)
+    layers = loaded.adapter.attention_layers()
+    if atlas.n_layers != len(layers) or atlas.n_heads != layers[0].n_heads or atlas.d_model != layers[0].d_model:
+        raise QKDissectError(f"the atlas ({atlas.n_layers} layers × {atlas.n_heads} heads, d_model {atlas.d_model}) "
+                             f"does not belong to this model ({len(layers)} × {layers[0].n_heads}, d_model "
+                             f"{layers[0].d_model}); dissect this model or leave the atlas out.")
+    return ViewContext(loaded, atlas)
+
+
+def check_head(atlas, layer: int, head: int | None = None, modes: Sequence[int] = ()) -> None:
+    """QKDissectError unless layer, head and modes exist in ``atlas``."""
+    if not 0 <= layer < atlas.n_layers:
+        raise QKDissectError(f"layer {layer} does not exist: the model has layers 0..{atlas.n_layers - 1}.")
+    if head is not None and not 0 <= head < atlas.n_heads:
+        raise QKDissectError(f"head {head} does not exist: each layer has heads 0..{atlas.n_heads - 1}.")
+    bad = [m for m in modes if not 0 <= m < atlas.rank]
+    if bad:
+        raise QKDissectError(f"modes {bad} do not exist: each head has modes 0..{atlas.rank - 1}.")
+
+
+def scores_from_maps(q: Tensor, k: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """score± = max(0, max ±q)·max(0, max ±k) over the token axis (last), valid tokens only.
+
+    q, k: (..., T); mask (..., T) bool or None. Returns scores (..., 2) for signs (+, −) and the
+    argmax positions of ±q and ±k, each (..., 2).
+    """
+    if mask is not None:
+        fill = torch.tensor(float("-inf"), dtype=q.dtype, device=q.device)
+        signed_q = torch.stack([torch.where(mask, q, fill), torch.where(mask, -q, fill)], dim=-2)
+        signed_k = torch.stack([torch.where(mask, k, fill), torch.where(mask, -k, fill)], dim=-2)
+    else:
+        signed_q, signed_k = torch.stack([q, -q], dim=-2), torch.stack([k, -k], dim=-2)
+    q_max, q_arg = signed_q.max(dim=-1)
+    k_max, k_arg = signed_k.max(dim=-1)
+    return q_max.clamp_min(0) * k_max.clamp_min(0), q_arg, k_arg
+
+
+@dataclass(frozen=True)
+class HeadMaps:
+    """Query/key maps of ``modes`` of one head for a batch of inputs (all tokens, prefix included).
+
+    q, k: (B, m, N); contributions: (B, m, N, N) = scale·σ_k q_p k_p'; key_bias_logits (B, N);
+    mode_shares (B, r) over *all* modes of the head, bias_share and logit_variance (B,);
+    token_mask (B, N) valid tokens (text padding excluded) or None; grid (rows, cols) for images.
+    """
+
+    layer: int
+    head: int
+    modes: tuple[int, ...]
+    q: Tensor
+    k: Tensor
+    contributions: Tensor
+    key_bias_logits: Tensor
+    mode_shares: Tensor
+    bias_share: Tensor
+    logit_variance: Tensor
+    n_prefix: int
+    grid: tuple[int, int] | None
+    token_mask: Tensor | None = None
+
+    def score_mask(self) -> Tensor:
+        """(B, N) tokens that count for scores: patch tokens (images) or valid tokens (text)."""
+        mask = torch.ones(self.q.shape[0], self.q.shape[-1], dtype=torch.bool)
+        mask[:, : self.n_prefix] = False
+        return mask if self.token_mask is None else mask & self.token_mask.bool().cpu()
+
+    def scores(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(scores (B, m, 2), query argmax (B, m, 2), key argmax (B, m, 2)); positions index all N tokens."""
+        mask = self.score_mask()[:, None, :].expand_as(self.q)
+        return scores_from_maps(self.q, self.k, mask)
+
+
+def head_maps(ctx: ViewContext, inputs: Any, layer: int, head: int, modes: Sequence[int],
+              token_mask: Tensor | None = None) -> HeadMaps:
+    """Run the model on ``inputs`` (pixels (B, 3, H, W) or a dict of token tensors) and return
+    the maps of ``modes`` of head ``head`` of ``layer``."""
+    atlas = ctx.atlas
+    check_head(atlas, layer, head, modes)
+    x = capture_attention_inputs(ctx.loaded, inputs, [layer])[layer]
+    q, k = project(atlas, layer, x)  # (B, H, N, r)
+    selected = list(modes)
+    shares = logit_variance_shares(atlas, layer, x, token_mask)
+    return HeadMaps(
+        layer=layer, head=head, modes=tuple(selected),
+        q=q[:, head][..., selected].transpose(1, 2).cpu(), k=k[:, head][..., selected].transpose(1, 2).cpu(),
+        contributions=mode_contributions(atlas, layer, x, head, selected).cpu(),
+        key_bias_logits=key_bias_logits(atlas, layer, x, head).cpu(),
+        mode_shares=shares.mode_shares[:, head].cpu(), bias_share=shares.bias_share[:, head].cpu(),
+        logit_variance=shares.logit_variance[:, head].cpu(), n_prefix=ctx.n_prefix, grid=ctx.grid(),
+        token_mask=None if token_mask is None else token_mask.cpu())
+
+
+@dataclass(frozen=True)
+class ViewInput:
+    kind: str  # "image" or "text"
+    source: str
+    folder: str
+    crop: Any = None  # PIL image as the model saw it (images)
+    pixels: Tensor | None = None
+    tokens: dict[str, Tensor] | None = None
+
+
+def safe_stem(path: Path) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem)[:60] or "image"
+
+
+def check_inputs(ctx: ViewContext, images: Sequence, texts: Sequence[str]) -> None:
+    if images and ctx.modality != "image":
+        raise QKDissectError(f"this is a {ctx.modality} model ({ctx.loaded.family}); give --text, not image files.")
+    if texts and ctx.modality != "text":
+        raise QKDissectError(f"--text needs a text model; {ctx.loaded.spec} reads images.")
+    if not images and not texts:
+        raise QKDissectError("nothing to do: give image files" + (" or --text" if ctx.modality == "text" else "") + ".")
+
+
+def iter_inputs(ctx: ViewContext, images: Sequence[str | os.PathLike], texts: Sequence[str],
+                 failed: list[dict[str, str]]) -> Iterator[ViewInput | None]:
+    """Decode images one at a time (a failure is recorded and yields None) and tokenize texts."""
+    from qkdissect.images import open_image
+
+    check_inputs(ctx, images, texts)
+    preprocessing = ctx.loaded.preprocessing
+    for index, path in enumerate(images):
+        try:
+            image = open_image(path)
+        except QKDissectError as error:
+            failed.append({"source": str(path), "reason": str(error)})
+            yield None
+            continue
+        yield ViewInput("image", str(path), f"{index:03d}_{safe_stem(Path(path))}",
+                     crop=preprocessing.resize_and_crop(image), pixels=preprocessing(image))
+    for index, text in enumerate(texts):
+        yield ViewInput("text", text, f"text_{index:03d}", tokens=ctx.loaded.adapter.tokenize([text]))
+
+
+def forward_input(item: ViewInput) -> tuple[Any, Tensor | None]:
+    if item.kind == "image":
+        return item.pixels[None], None
+    return item.tokens, item.tokens.get("attention_mask", torch.ones_like(item.tokens["input_ids"])).bool()
+
+
+def token_strings(ctx: ViewContext, input_ids: Tensor) -> list[str]:
+    """Readable tokens for ids (the tokenizer's own pieces; ids when there is no tokenizer)."""
+    tokenizer = getattr(ctx.loaded.adapter, "tokenizer", None)
+    ids = [int(i) for i in input_ids]
+    if tokenizer is None:
+        return [f"#{i}" for i in ids]
+    return [str(t) for t in tokenizer.convert_ids_to_tokens(ids)]
+
+
+def model_meta(ctx: ViewContext) -> dict[str, Any]:
+    from qkdissect.files import library_versions
+
+    preprocessing = ctx.loaded.preprocessing
+    return {"model": ctx.loaded.spec, "checkpoint": ctx.loaded.checkpoint, "family": ctx.loaded.family,
+            "modality": ctx.modality, "prefix_tokens": list(ctx.loaded.adapter.prefix_tokens),
+            "n_prefix_tokens": ctx.n_prefix, "grid": None if ctx.grid() is None else list(ctx.grid()),
+            "preprocessing": None if preprocessing is None else preprocessing.to_dict(),
+            "scale": ctx.atlas.scale, "n_layers": ctx.atlas.n_layers, "n_heads": ctx.atlas.n_heads,
+            "rank": ctx.atlas.rank, "x_tilde": ctx.atlas.meta.get("x_tilde"), "versions": library_versions()}
+
+
+def save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    data = {name: value.detach().cpu().contiguous() for name, value in tensors.items()}
+    atomic_write(path, lambda p: save_file(data, str(p)))
+
+
+def read_view_document(path: Path, expected: str, command: str) -> dict[str, Any]:
+    return read_json_document(path, missing=f"not a folder written by `qkdissect {command}`",
+                              remedy=f"re-run `qkdissect {command}`", kind=expected, max_version=FORMAT_VERSION)

@@ -1,0 +1,132 @@
+"""Modes ranked by their share of each head's logit variance, per input (``qkdissect rank``): :func:`run_rank`,
+:func:`load_rank`."""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from qkdissect.errors import QKDissectError
+from qkdissect.files import atomic_write, write_json
+from qkdissect.progress import ProgressFn, report
+from qkdissect.projection import (capture_attention_inputs, logit_variance_shares)
+from qkdissect.views.context import (FORMAT_VERSION, RANK_FORMAT, ViewContext, check_head, forward_input, iter_inputs, model_meta,
+                                    read_view_document)
+
+__all__ = ["RANK_COLUMNS", "RankResult", "load_rank", "rank_rows", "run_rank"]
+
+
+@dataclass(frozen=True)
+class RankResult:
+    """What :func:`run_rank` wrote: ``meta``, per-input entries and every table row (rank.csv)."""
+
+    directory: Path
+    meta: dict[str, Any]
+    items: tuple[dict[str, Any], ...]
+    rows: tuple[dict[str, Any], ...]
+    failed: tuple[dict[str, str], ...]
+
+
+RANK_COLUMNS = ("source", "layer", "head", "mode", "sigma", "cosine", "share", "explained_variance",
+                "head_logit_variance", "head_bias_share")
+
+
+def rank_rows(ctx: ViewContext, inputs: Any, layers: Sequence[int], token_mask: Tensor | None = None) -> list[list[dict]]:
+    """Per input in the batch, one row per (layer, head, mode) with its variance share (unsorted)."""
+    atlas = ctx.atlas
+    captured = capture_attention_inputs(ctx.loaded, inputs, layers)
+    per_input: list[list[dict]] = []
+    for layer in layers:
+        shares = logit_variance_shares(atlas, layer, captured[layer], token_mask)
+        sigma, cosines = atlas.layers[layer].S.double(), atlas.cosines[layer].double()
+        for b in range(shares.mode_shares.shape[0]):
+            if len(per_input) <= b:
+                per_input.append([])
+            variance = shares.logit_variance[b]
+            for head in range(atlas.n_heads):
+                for mode in range(atlas.rank):
+                    share = float(shares.mode_shares[b, head, mode])
+                    per_input[b].append({
+                        "layer": layer, "head": head, "mode": mode, "sigma": float(sigma[head, mode]),
+                        "cosine": float(cosines[head, mode]), "share": share,
+                        "explained_variance": share * float(variance[head]),
+                        "head_logit_variance": float(variance[head]),
+                        "head_bias_share": float(shares.bias_share[b, head])})
+    return per_input
+
+
+def run_rank(ctx: ViewContext, out: str | os.PathLike, *, layers: Sequence[int], images: Sequence = (),
+             texts: Sequence[str] = (), top: int = 15, by: str = "share", patches_only: bool = False,
+             progress: ProgressFn | None = None) -> RankResult:
+    """Rank every (layer, head, mode) of ``layers`` per input by ``by`` ('share' of its head's
+    logit variance, or 'variance' = share × the head's logit variance); write table and bar charts."""
+    from qkdissect.overlays import plot_rank_bars
+
+    if by not in ("share", "variance"):
+        raise QKDissectError(f"--by must be 'share' or 'variance', got {by!r}.")
+    for layer in layers:
+        check_head(ctx.atlas, layer)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    failed: list[dict[str, str]] = []
+    key = "share" if by == "share" else "explained_variance"
+    items, all_rows = [], []
+    palette = ["#4363d8", "#f58231", "#3cb44b", "#911eb4", "#e6194b", "#42d4f4", "#f032e6", "#9a6324",
+               "#469990", "#808000", "#000075", "#a9a9a9"]
+    total = len(images) + len(texts)
+    for done, item in enumerate(iter_inputs(ctx, images, texts, failed), start=1):
+        if item is None:
+            report(progress, "rank", done, total)
+            continue
+        batch, mask = forward_input(item)
+        if item.kind == "image" and patches_only:
+            rows_, cols_ = ctx.grid()
+            mask = torch.ones(1, ctx.n_prefix + rows_ * cols_, dtype=torch.bool)
+            mask[:, : ctx.n_prefix] = False
+        rows = sorted(rank_rows(ctx, batch, layers, mask)[0], key=lambda r: (-r[key], r["layer"], r["head"], r["mode"]))
+        for row in rows:
+            row["source"] = item.source
+        all_rows.extend(rows)
+        shown = rows[:top]
+        figure = f"{item.folder}.png"
+        plot_rank_bars([f"L{r['layer']} h{r['head']} m{r['mode']}  (σ={r['sigma']:.2g})" for r in shown],
+                       [r[key] if by == "share" else r["share"] for r in shown], out / figure,
+                       title=f"{Path(item.source).name if item.kind == 'image' else item.source[:60]}: "
+                             f"top {len(shown)} modes by {'share' if by == 'share' else 'explained variance'}",
+                       colours=[palette[r["head"] % len(palette)] for r in shown])
+        items.append({"kind": item.kind, "source": item.source, "figure": figure, "top": shown})
+        report(progress, "rank", done, total)
+
+    def write_csv(path: Path) -> None:
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=RANK_COLUMNS)
+            writer.writeheader()
+            for row in all_rows:
+                writer.writerow({c: (f"{row[c]:.6g}" if isinstance(row[c], float) else row[c]) for c in RANK_COLUMNS})
+
+    atomic_write(out / "rank.csv", write_csv)
+    write_json(out / "rank.json", {"format": RANK_FORMAT, "format_version": FORMAT_VERSION, **model_meta(ctx),
+                                   "layers": list(layers), "by": by, "patches_only": patches_only,
+                                   "share": "⟨C̄_k, L̄⟩/⟨L̄, L̄⟩ of logits centred over keys (sums to 1 with the "
+                                            "key-bias share)", "items": items, "failed": failed})
+    return load_rank(out)
+
+
+def load_rank(directory: str | os.PathLike) -> RankResult:
+    """Read a folder written by ``qkdissect rank`` / :func:`run_rank`."""
+    directory = Path(directory)
+    document = read_view_document(directory / "rank.json", RANK_FORMAT, "rank")
+    rows = []
+    with open(directory / "rank.csv", newline="") as handle:
+        for row in csv.DictReader(handle):
+            rows.append({k: (row[k] if k == "source" else int(row[k]) if k in ("layer", "head", "mode")
+                             else float(row[k])) for k in RANK_COLUMNS})
+    meta = {k: v for k, v in document.items() if k not in ("items", "failed")}
+    return RankResult(directory, meta, tuple(document["items"]), tuple(rows), tuple(document.get("failed", [])))
+
