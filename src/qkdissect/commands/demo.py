@@ -38,11 +38,11 @@ def register(app: typer.Typer) -> None:
         from qkdissect.commands.dissect import summary_table, write_figures
         from qkdissect.errors import QKDissectError
         from qkdissect.mining import mine
-        from qkdissect.synthetic.oddoneout import generate_oddoneout
         from qkdissect.preference import run_preference, save_preference
         from qkdissect.report import build_report
-        from qkdissect.views import prepare_view, run_maps
+        from qkdissect.synthetic.oddoneout import generate_oddoneout
         from qkdissect.synthetic.world import write_world_images
+        from qkdissect.views import prepare_view, run_maps
 
         n_world = images or (48 if quick else 1000)
         n_odd = odd_images or (24 if quick else 300)

@@ -63,7 +63,8 @@ def register(app: typer.Typer) -> None:
         Prints per layer the mean/min/max weighted cosine Σσcos/Σσ (+1: heads attend to similar tokens,
         −1: to dissimilar ones) and the share of heads outside the Gaussian null band.
         """
-        from qkdissect import dissect as run_dissect, load_model
+        from qkdissect import dissect as run_dissect
+        from qkdissect import load_model
 
         with err_console.status(f"loading {model}"):
             loaded = load_model(model, checkpoint, random_init=random_init)

@@ -133,8 +133,8 @@ def register(app: typer.Typer) -> None:
         """
         from qkdissect import load_model
         from qkdissect.decomposition import ModeAtlas
-        from qkdissect.synthetic.oddoneout import read_o3_folder
         from qkdissect.preference import run_preference, save_preference
+        from qkdissect.synthetic.oddoneout import read_o3_folder
 
         folder = read_o3_folder(data)
         with err_console.status(f"loading {model}"):

@@ -12,10 +12,18 @@ from typing import Any
 import numpy as np
 
 from qkdissect.errors import QKDissectError
-from qkdissect.synthetic.oddoneout import Problem
 from qkdissect.files import atomic_write, write_json
-from qkdissect.preference.result import (CATEGORIES, FORMAT, FORMAT_VERSION, QUERIES, VARIANTS, Interval,
-                                         PreferenceResult, json_number)
+from qkdissect.preference.result import (
+    CATEGORIES,
+    FORMAT,
+    FORMAT_VERSION,
+    QUERIES,
+    VARIANTS,
+    Interval,
+    PreferenceResult,
+    json_number,
+)
+from qkdissect.synthetic.oddoneout import Problem
 
 __all__ = ["load_preference", "save_preference"]
 

@@ -45,9 +45,9 @@ from typing import Any, Callable
 import numpy as np
 
 from qkdissect.errors import QKDissectError
-from qkdissect.progress import ProgressFn, report
 from qkdissect.files import atomic_write, write_json
 from qkdissect.images import IMAGE_EXTENSIONS, open_image
+from qkdissect.progress import ProgressFn, report
 from qkdissect.synthetic.scenes import FEATURES, Scene, odd_one_out_scene
 
 __all__ = [

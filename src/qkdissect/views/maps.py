@@ -14,8 +14,21 @@ from torch import Tensor
 from qkdissect.errors import QKDissectError
 from qkdissect.files import atomic_write, write_json
 from qkdissect.progress import ProgressFn, report
-from qkdissect.views.context import (FORMAT_VERSION, HeadMaps, MAPS_FORMAT, ViewContext, ViewInput, check_head, forward_input, head_maps,
-                                    iter_inputs, model_meta, read_view_document, save_tensors, token_strings)
+from qkdissect.views.context import (
+    FORMAT_VERSION,
+    MAPS_FORMAT,
+    HeadMaps,
+    ViewContext,
+    ViewInput,
+    check_head,
+    forward_input,
+    head_maps,
+    iter_inputs,
+    model_meta,
+    read_view_document,
+    save_tensors,
+    token_strings,
+)
 
 __all__ = ["MapsItem", "MapsResult", "load_maps", "run_maps"]
 

@@ -15,9 +15,17 @@ from torch import Tensor
 from qkdissect.errors import QKDissectError
 from qkdissect.files import atomic_write, write_json
 from qkdissect.progress import ProgressFn, report
-from qkdissect.projection import (capture_attention_inputs, logit_variance_shares)
-from qkdissect.views.context import (FORMAT_VERSION, RANK_FORMAT, ViewContext, check_head, forward_input, iter_inputs, model_meta,
-                                    read_view_document)
+from qkdissect.projection import capture_attention_inputs, logit_variance_shares
+from qkdissect.views.context import (
+    FORMAT_VERSION,
+    RANK_FORMAT,
+    ViewContext,
+    check_head,
+    forward_input,
+    iter_inputs,
+    model_meta,
+    read_view_document,
+)
 
 __all__ = ["RANK_COLUMNS", "RankResult", "load_rank", "rank_rows", "run_rank"]
 
