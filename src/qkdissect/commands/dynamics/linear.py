@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import typer
+from rich.markup import escape
 
 from qkdissect.commands.common import console, guarded
 from qkdissect.commands.dynamics.common import (
@@ -17,13 +19,19 @@ from qkdissect.commands.dynamics.common import (
     seed_option,
     threads_option,
 )
-from qkdissect.dynamics.runs.configs import DepthSweepConfig, GeneralizationConfig, SaxeConfig, TransferConfig
+from qkdissect.dynamics.runs.configs import (
+    DepthSweepConfig,
+    FiniteSizeConfig,
+    GeneralizationConfig,
+    SaxeConfig,
+    TransferConfig,
+)
 
 LR_HELP = "Learning rate; time constant τ = 1/lr epochs."
 
 
 def register(app: typer.Typer) -> None:
-    S, D, G, T = SaxeConfig(), DepthSweepConfig(), GeneralizationConfig(), TransferConfig()
+    S, D, G, F, T = SaxeConfig(), DepthSweepConfig(), GeneralizationConfig(), FiniteSizeConfig(), TransferConfig()
 
     @app.command()
     @guarded
@@ -39,6 +47,9 @@ def register(app: typer.Typer) -> None:
         hidden: int = typer.Option(S.hidden, help="Hidden width (at least the number of modes)."),
         steps: Optional[int] = typer.Option(S.steps, help="Gradient steps; default 2 × the slowest analytic "
                                                           "half-time."),
+        tolerance: float = typer.Option(S.tolerance, help="Largest max |Δa|/s that counts as agreement with the "
+                                                          "theory; modes beyond it are named with the cause and a "
+                                                          "learning rate that meets it."),
         seed: int = seed_option(S.seed),
         threads: int = threads_option(),
         out: str = out_option("saxe"),
@@ -48,11 +59,14 @@ def register(app: typer.Typer) -> None:
 
         config = config_from_options(SaxeConfig, locals())
         res = execute(run_saxe, out, config, threads)
-        results_table(f"saxe: depth {config.depth}, {config.init} init", out,
-                      ("s", "analytic t½", "simulated t½", "max |Δa|/s"),
+        tol = res["tolerance"]
+        results_table(f"saxe: depth {config.depth}, {config.init} init, lr {config.lr:g}", out,
+                      ("s", "analytic t½", "simulated t½", "max |Δa|/s", f"≤ {tol['tolerance']:g}"),
                       [(fmt(m["strength"]), fmt(m["analytic_half_time"], ".1f"), fmt(m["simulated_half_time"], ".1f"),
-                        fmt(m["max_relative_deviation"], ".4f")) for m in res["modes"]])
+                        fmt(m["max_relative_deviation"], ".4f"),
+                        "no" if m["max_relative_deviation"] > tol["tolerance"] else "yes") for m in res["modes"]])
         console.print(f"modes learned in order of strength: {res['modes_learned_in_order_of_strength']}")
+        console.print(escape(tol["statement"]), style=None if tol["within"] else "yellow")
 
     @app.command("depth-sweep")
     @guarded
@@ -73,14 +87,24 @@ def register(app: typer.Typer) -> None:
         threads: int = threads_option(),
         out: str = out_option("depth-sweep"),
     ) -> None:
-        """Learning time vs depth: orthogonal init stays fast, scaled Gaussian init slows down."""
+        """Learning time vs depth for Gaussian, random orthogonal and decoupled (aligned) init, side by side.
+
+        Median and quartiles over seeds; depth N trains with lr·2/N (--lr-scaling 1/N). Decoupled init with
+        --a0 1 is Saxe et al.'s exact depth-independent regime (times converge with depth); random orthogonal
+        init grows a few-fold and levels off; scaled Gaussian init stalls at depth.
+        """
         from qkdissect.dynamics.runs.depth_sweep import run_depth_sweep
 
         config = config_from_options(DepthSweepConfig, locals())
         res = execute(run_depth_sweep, out, config, threads)
-        results_table("depth sweep", out, ("init", "depth", "lr", "median epochs", "not reached", "theory"),
-                      [(r["init"], str(r["depth"]), fmt(r["lr"]),
-                        f"> {config.max_steps}" if r["median_time"] is None else fmt(r["median_time"], ".0f"),
+        def epochs(value: float | None) -> str:
+            return f"> {config.max_steps}" if value is None else fmt(value, ".0f")
+
+        results_table(f"depth sweep ({config.seeds} seeds; lr_N = lr·2/N)" if config.lr_scaling == "1/N" else
+                      f"depth sweep ({config.seeds} seeds; constant lr)", out,
+                      ("init", "depth", "lr", "median epochs", "quartiles", "× shallowest", "not reached", "theory"),
+                      [(r["init"], str(r["depth"]), fmt(r["lr"]), epochs(r["median_time"]),
+                        f"{epochs(r['q25_time'])}–{epochs(r['q75_time'])}", fmt(r["median_over_shallowest"], ".2f"),
                         f"{r['n_not_reached']}/{config.seeds}", fmt(r["theory_time"], ".0f"))
                        for r in res["results"]])
 
@@ -104,27 +128,67 @@ def register(app: typer.Typer) -> None:
         threads: int = threads_option(),
         out: str = out_option("generalization"),
     ) -> None:
-        """Train/test error over time, optimal stopping t*, MP spectrum, and the shrinkage optimum."""
+        """Train/test error over time, early stopping, MP spectrum and the shrinkage optimum.
+
+        Gradient descent stops where each student's loss on a validation set drawn like the training set is
+        smallest (no teacher involved); the oracle t* (minimum of the seed-mean test curve) is shown separately.
+        """
         from qkdissect.dynamics.runs.generalization import run_generalization
 
         config = config_from_options(GeneralizationConfig, locals())
         res = execute(run_generalization, out, config, threads)
         sp = res["spikes"]
         results_table("generalisation", out, ("quantity", "theory", "simulation"), [
-            ("t* (epochs)", fmt(res["t_opt_theory"], ".1f"), fmt(res["t_opt_sim"], ".1f")),
-            ("test error at t*", fmt(res["test_error_at_t_opt_theory"]), fmt(res["test_error_at_t_opt_sim"])),
+            ("oracle t* (epochs)", fmt(res["t_opt_theory"], ".1f"), fmt(res["t_opt_sim"], ".1f")),
+            ("test error at oracle t*", fmt(res["test_error_at_t_opt_theory"]), fmt(res["test_error_at_t_opt_sim"])),
+            ("validation-chosen t (mean)", "", fmt(float(np.mean(res["t_validation_per_seed"])), ".1f")),
+            ("test error at validation t", "", fmt(res["test_error_at_validation_sim"])),
             ("shrinkage test error", fmt(res["shrinkage_test_error_theory"]), fmt(res["shrinkage_test_error"])),
             ("top singular value ŝ", fmt(sp["s_hat_theory"][0]), fmt(sp["s_hat_sim_mean"][0])),
             ("overlap O", fmt(sp["overlap_theory"][0]), fmt(sp["overlap_sim_mean"][0])),
         ])
         console.print(f"test curve: max |sim − theory| / range = {fmt(res['test_curve_max_deviation_over_range'])}")
         if "shrinkage_sweep" in res:
-            results_table("shrinkage vs gradient descent at t* (test error)", out,
-                          ("N_i", "N_o", "s̄", "GD theory", "shrink theory", "GD sim", "shrink sim"),
+            results_table("shrinkage vs gradient descent (test error)", out,
+                          ("N_i", "N_o", "s̄", "GD t* theory", "shrink theory", "GD oracle t*", "GD validation t",
+                           "shrink sim"),
                           [(str(r["n_in"]), str(r["n_out"]), ",".join(f"{x:g}" for x in r["strengths"]),
                             fmt(r["gd_test_error_at_t_opt_theory"]), fmt(r["shrinkage_test_error_theory"]),
-                            fmt(r["gd_test_error_at_t_opt_sim"]), fmt(r["shrinkage_test_error_sim"]))
-                           for r in res["shrinkage_sweep"]])
+                            fmt(r["gd_test_error_at_t_opt_sim"]), fmt(r["gd_test_error_at_validation_sim"]),
+                            fmt(r["shrinkage_test_error_sim"])) for r in res["shrinkage_sweep"]])
+
+
+    @app.command("finite-size")
+    @guarded
+    def finite_size(
+        strengths: str = typer.Option(list_default(F.strengths), help="Teacher singular values s̄, comma-separated."),
+        sizes: str = typer.Option(list_default(F.sizes), help="N_i of each problem, comma-separated."),
+        aspect_ratio: float = typer.Option(F.aspect_ratio, help="N_o/N_i (<= 1), the same at every size."),
+        seeds: int = typer.Option(F.seeds, help="Teacher/noise draws per size."),
+        a0: float = typer.Option(F.a0, help="Initial student strength (small: the noise modes learned by t* then "
+                                            "stay negligible at every N)."),
+        lr: float = typer.Option(F.lr, help=LR_HELP),
+        depth: int = typer.Option(F.depth, help="Student depth N."),
+        seed: int = seed_option(F.seed),
+        threads: int = threads_option(),
+        out: str = out_option("finite-size"),
+    ) -> None:
+        """Shrinkage vs gradient descent stopped on a validation set (and at the oracle t*) as N grows.
+
+        Students start aligned to Σ̂ (decoupled init) and are followed exactly in its singular basis, so N in
+        the thousands takes seconds. Compared with the large-N theory at each N.
+        """
+        from qkdissect.dynamics.runs.finite_size import run_finite_size
+
+        config = config_from_options(FiniteSizeConfig, locals())
+        res = execute(run_finite_size, out, config, threads)
+        results_table("finite-size trend (test error, seed mean ± s.e.)", out,
+                      ("N_i", "N_o", "shrinkage", "GD validation t", "GD oracle t*", "theory shrink", "theory GD t*",
+                       "seconds"),
+                      [(str(r["n_in"]), str(r["n_out"]), f"{fmt(r['shrinkage_sim'])} ± {fmt(r['shrinkage_sim_sem'], '.2g')}",
+                        f"{fmt(r['gd_validation_sim'])} ± {fmt(r['gd_validation_sim_sem'], '.2g')}",
+                        fmt(r["gd_oracle_sim"]), fmt(r["shrinkage_theory"]), fmt(r["gd_at_t_opt_theory"]),
+                        fmt(r["seconds"], ".1f")) for r in res["rows"]])
 
     @app.command()
     @guarded

@@ -53,6 +53,7 @@ __all__ = [
     "min_norm_recovery_sd",
     "EstimatorRecovery",
     "estimator_recovery",
+    "estimator_prediction_errors",
 ]
 
 #: Names accepted by :func:`estimator_recovery`.
@@ -190,4 +191,39 @@ def estimator_recovery(
             name=name, ks=kk, mean=per.mean(1), sem=per.std(1, ddof=1) / np.sqrt(b) if b > 1 else np.zeros_like(per[:, 0]),
             per_task=per,
         )
+    return out
+
+
+def estimator_prediction_errors(
+    task: LinearTask,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    estimators: Sequence[str] = ESTIMATORS,
+    *,
+    ridge: float = 1.0,
+    noise: float = 0.0,
+    prior: str = "rotation",
+) -> dict[str, np.ndarray]:
+    """Each estimator's error on the next sample of an episode, as a meta-learner is scored.
+
+    For k = 0 … T − 1, Ŵ_k is estimated from the first k samples and scored on sample k + 1:
+    ``mean over tasks of ‖Ŵ_k x_{k+1} − y_{k+1}‖² / Σ_α s_α²`` (1 = predicting 0). For the noise-free
+    min-norm estimator its expectation is max(0, 1 − k/N_x).
+
+    Args:
+        task: the tasks (their spectrum sets the normalisation and the Bayes prior); x ``(B, T, N_x)``,
+            y ``(B, T, N_y)``: one episode per task.
+    Returns:
+        ``{name: (T,)}``.
+    """
+    if x.ndim != 3 or y.shape[:2] != x.shape[:2]:
+        raise QKDissectError(f"expected x (B, T, N_x) and y (B, T, N_y), got {tuple(x.shape)}, {tuple(y.shape)}.")
+    norm = float((task.strengths[0] ** 2).sum())
+    cov = prior_row_covariance(task.strengths[0].numpy(), task.n_in, task.n_out, prior, dtype=x.dtype)
+    out: dict[str, np.ndarray] = {}
+    for name in estimators:
+        fn = _estimator(name, ridge=ridge, covariance=cov, noise=noise)
+        errors = [(((fn(x[:, :k], y[:, :k]) @ x[:, k, :, None])[..., 0] - y[:, k]) ** 2).sum(-1).mean() / norm
+                  for k in range(x.shape[1])]
+        out[name] = torch.stack(errors).numpy()
     return out

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -203,13 +203,18 @@ def meta_train(
     clip: float = 1.0,
     noise: float = 0.0,
     n_evals: int = 40,
+    eval_steps: Sequence[int] | None = None,
+    on_eval: Callable[[int, LSTMMetaLearner], None] | None = None,
     seed: Seed = 0,
     progress: ProgressFn | None = None,
+    stage: str = "meta-training",
 ) -> MetaTrainLog:
     """Meta-train ``model`` (in place, float32) on episodes of tasks drawn from ``train_tasks``.
 
     Adam with learning rate ``lr`` and cosine decay to 0, gradient-norm clipping at ``clip``;
-    every meta-step draws ``batch`` tasks from the pool (with replacement) and fresh samples.
+    every meta-step draws ``batch`` tasks from the pool (with replacement) and fresh samples. The
+    held-out loss is evaluated at ``eval_steps`` (default ``n_evals`` evenly spaced steps), where
+    ``on_eval(step, model)`` is called too (e.g. to probe the model's mode recovery).
     """
     n_steps = checks.count(n_steps, "meta steps")
     batch = checks.count(batch, "batch")
@@ -218,13 +223,15 @@ def meta_train(
     norm = float((train_tasks.strengths[0] ** 2).sum())
     opt = torch.optim.Adam(model.parameters(), lr=checks.positive(lr, "lr"))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, n_steps) / n_steps)))
-    eval_at = set(np.unique(np.linspace(0, n_steps, max(2, n_evals)).astype(int)).tolist())
+    if eval_steps is None:
+        eval_steps = np.linspace(0, n_steps, max(2, n_evals)).astype(int)
+    eval_at = {int(k) for k in eval_steps if 0 <= int(k) <= n_steps}
     test_x, test_y = sample_episode(test_tasks, t_len, noise=noise, generator=make_generator(int(torch.randint(2**31, (1,), generator=g))))
     test_z = lstm_inputs(test_x, test_y).float()
     log_steps, tr, te, te_t = [], [], [], []
     recent: list[float] = []
     start = time.perf_counter()
-    tick = throttled(progress, "meta-training", n_steps, updates=200)
+    tick = throttled(progress, stage, n_steps, updates=200)
     model.train()
     for step in range(n_steps + 1):
         if step in eval_at:
@@ -232,6 +239,8 @@ def meta_train(
             with torch.no_grad():
                 pred, _ = model(test_z)
                 per_t = episode_loss(pred, test_y.float(), norm)
+            if on_eval is not None:
+                on_eval(step, model)
             model.train()
             log_steps.append(step)
             te.append(float(per_t.mean()))

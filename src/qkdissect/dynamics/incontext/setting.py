@@ -52,6 +52,7 @@ __all__ = [
     "half_recovery_points",
     "concurrency",
     "task_subset",
+    "checkpoint_schedule",
     "probe_queries",
     "linear_readout",
 ]
@@ -83,6 +84,16 @@ def make_prior_tasks(
     # aligned: keep the Haar U (drawn first, so the same as a U-only draw), V = the first r input axes
     v = torch.eye(task.n_in, task.rank, dtype=dtype).expand(task.n_tasks, -1, -1).clone()
     return LinearTask(U=task.U, strengths=task.strengths, V=v)
+
+
+def checkpoint_schedule(n_steps: int, n_checkpoints: int) -> np.ndarray:
+    """Checkpoint steps 0 … n_steps: three quarters of ``n_checkpoints`` geometrically spaced from step 1
+    (the outer-loop transitions are sharp and early), the rest evenly spaced."""
+    n_geo = max(2, round(3 * n_checkpoints / 4))
+    n_lin = max(2, n_checkpoints - n_geo)
+    geo = np.geomspace(1, max(1, n_steps), n_geo)
+    lin = np.linspace(0, n_steps, n_lin)
+    return np.unique(np.concatenate([[0, n_steps], geo, lin]).round().astype(int))
 
 
 def task_subset(task: LinearTask, index: torch.Tensor | slice) -> LinearTask:

@@ -31,6 +31,7 @@ import torch
 from qkdissect.dynamics import checks
 from qkdissect.dynamics.incontext.model import ICLBatch, ICLTransformer, icl_batch
 from qkdissect.dynamics.incontext.setting import (
+    checkpoint_schedule,
     linear_readout,
     mode_recovery,
     probe_queries,
@@ -85,16 +86,6 @@ class ICLTrainLog:
     checkpoint_steps: np.ndarray
     checkpoint_files: tuple[str, ...]
     seconds: float
-
-
-def checkpoint_schedule(n_steps: int, n_checkpoints: int) -> np.ndarray:
-    """Checkpoint steps 0 … n_steps: three quarters of ``n_checkpoints`` geometrically spaced from step 1
-    (the outer-loop transitions are sharp and early), the rest evenly spaced."""
-    n_geo = max(2, round(3 * n_checkpoints / 4))
-    n_lin = max(2, n_checkpoints - n_geo)
-    geo = np.geomspace(1, max(1, n_steps), n_geo)
-    lin = np.linspace(0, n_steps, n_lin)
-    return np.unique(np.concatenate([[0, n_steps], geo, lin]).round().astype(int))
 
 
 def train_icl(

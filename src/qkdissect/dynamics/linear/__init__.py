@@ -6,15 +6,17 @@
 * :mod:`.tasks` — task generators (spectrum + Haar singular vectors, noisy teachers, transfer pairs);
 * :mod:`.simulate` — batched full-batch gradient descent and initialisations; :mod:`.depth` — the
   depth sweep;
-* :mod:`.generalization`, :mod:`.transfer` — Lampinen & Ganguli's train/test theory, optimal stopping,
-  shrinkage and transfer, with simulations.
+* :mod:`.generalization` — Lampinen & Ganguli's train/test theory, optimal stopping and shrinkage;
+  :mod:`.generalization_sim` — its simulations: validation-set early stopping, the finite-size trend;
+* :mod:`.transfer` — transfer between two tasks through a shared layer, theory and simulation.
 
 Every public name of these modules is importable from here (and from :mod:`qkdissect.dynamics`).
 """
 
-from qkdissect.dynamics.linear import depth, generalization, rmt, simulate, tasks, theory, transfer
+from qkdissect.dynamics.linear import depth, generalization, generalization_sim, rmt, simulate, tasks, theory, transfer
 from qkdissect.dynamics.linear.depth import *  # noqa: F403
 from qkdissect.dynamics.linear.generalization import *  # noqa: F403
+from qkdissect.dynamics.linear.generalization_sim import *  # noqa: F403
 from qkdissect.dynamics.linear.rmt import *  # noqa: F403
 from qkdissect.dynamics.linear.simulate import *  # noqa: F403
 from qkdissect.dynamics.linear.tasks import *  # noqa: F403
@@ -22,4 +24,4 @@ from qkdissect.dynamics.linear.theory import *  # noqa: F403
 from qkdissect.dynamics.linear.transfer import *  # noqa: F403
 
 __all__ = [*theory.__all__, *rmt.__all__, *tasks.__all__, *simulate.__all__, *depth.__all__,
-           *generalization.__all__, *transfer.__all__]
+           *generalization.__all__, *generalization_sim.__all__, *transfer.__all__]

@@ -17,6 +17,9 @@ Error definitions (our choice; also written into every results.json):
 Both are normalised by the teacher's squared norm Σ_α s̄_α², so E_test = 1 for W = 0.
 Time t is in epochs (gradient steps), τ = 1/lr.
 
+Simulations (full matrices or exactly in Σ̂'s singular basis, early stopping on a validation set, the
+finite-size trend) are in :mod:`qkdissect.dynamics.linear.generalization_sim`.
+
 Theory in the limit of large N_i, N_o (fixed A). With detected teacher modes (s̄_α > A^{1/4})
 producing outliers ŝ_α = ŝ(s̄_α) with overlap O_α = O(s̄_α), undetected teacher modes lost, and the
 remaining N_o − r_det empirical modes distributed by the Marchenko–Pastur density p(σ)::
@@ -42,21 +45,14 @@ import torch
 from qkdissect.dynamics import checks
 from qkdissect.dynamics.curves import curve_minimum
 from qkdissect.dynamics.linear import rmt
-from qkdissect.dynamics.linear.simulate import INIT_KINDS, gradient_descent, init_weights
-from qkdissect.dynamics.linear.tasks import make_generator, make_noisy_teacher
 from qkdissect.dynamics.linear.theory import mode_strength_function, time_to_fraction
 from qkdissect.errors import QKDissectError
-from qkdissect.progress import ProgressFn, report
 
 __all__ = [
     "ERROR_DEFINITIONS",
     "GeneralizationTheory",
     "generalization_theory",
-    "GeneralizationSimulation",
-    "simulate_generalization",
     "shrinkage_estimate",
-    "ShrinkageComparison",
-    "shrinkage_sweep",
 ]
 
 ERROR_DEFINITIONS = {
@@ -213,181 +209,3 @@ def shrinkage_estimate(sigma_hat: torch.Tensor, aspect_ratio: float | None = Non
         rmt.optimal_shrinkage(s.reshape(-1).numpy(), a_ratio), dtype=s.dtype
     ).reshape(s.shape)
     return (u * eta.unsqueeze(-2)) @ vh
-
-
-@dataclass(frozen=True)
-class GeneralizationSimulation:
-    """Train/test errors of students trained by gradient descent on Σ̂ = W̄ + Z, one per seed.
-
-    Attributes:
-        steps: ``(T,)`` epochs.
-        train_error, test_error: ``(T, n_seeds)`` (definitions in the module docstring).
-        s_hat: ``(n_seeds, N_o)`` empirical singular values of Σ̂, descending.
-        overlap: ``(n_seeds, r)`` (ū_α·û_α)(v̄_α·v̂_α) of teacher mode α with empirical mode α.
-        oracle_strength: ``(n_seeds, N_o)`` û_βᵀ W̄ v̂_β, the best value for each empirical mode.
-        shrinkage_test_error: ``(n_seeds,)`` test error of the optimal shrinkage estimator.
-        t_opt: argmin of the seed-mean test curve (parabolic refinement); test_error_opt: its value.
-        test_error_at_t_opt: ``(n_seeds,)`` each seed's test error at the record nearest t_opt.
-        best_test_error: ``(n_seeds,)`` each seed's own minimum over time (oracle early stopping).
-    """
-
-    steps: np.ndarray
-    train_error: np.ndarray
-    test_error: np.ndarray
-    s_hat: np.ndarray
-    overlap: np.ndarray
-    oracle_strength: np.ndarray
-    shrinkage_test_error: np.ndarray
-    t_opt: float
-    test_error_opt: float
-    test_error_at_t_opt: np.ndarray
-    best_test_error: np.ndarray
-    s_bar: np.ndarray
-    n_in: int
-    n_out: int
-    depth: int
-    a0: float
-    lr: float
-    init: str
-    hidden: int
-    n_seeds: int
-    seed: int
-
-
-def simulate_generalization(
-    strengths: Any,
-    n_in: int,
-    n_out: int,
-    *,
-    n_seeds: int = 10,
-    depth: int = 2,
-    a0: float = 1e-5,
-    lr: float = 1e-2,
-    n_steps: int | None = None,
-    init: str = "decoupled",
-    hidden: int | None = None,
-    seed: int = 0,
-    record_every: int = 1,
-    progress: ProgressFn | None = None,
-) -> GeneralizationSimulation:
-    """Simulate ``n_seeds`` teacher/noise draws and train one student on each (batched).
-
-    ``init='decoupled'`` aligns the student to the SVD of its Σ̂ with product strength a₀ on all
-    N_o empirical modes (the theory's assumption); ``init='random'`` uses small random weights
-    (see :func:`qkdissect.dynamics.linear.simulate.init_weights`). ``n_steps`` defaults to the end of the
-    default theory time window. Hidden width defaults to N_o.
-    """
-    s_bar = checks.strengths(strengths)
-    n_in = checks.count(n_in, "n_in")
-    n_out = checks.count(n_out, "n_out")
-    a_ratio = checks.aspect_ratio(n_out / n_in)
-    depth = checks.depth(depth)
-    a0 = checks.positive(a0, "a0")
-    lr = checks.positive(lr, "lr")
-    if init not in ("decoupled", "random"):
-        raise QKDissectError(
-            f"init: the generalisation theory assumes small initial weights; expected 'decoupled' or "
-            f"'random', got {init!r} (available in simulate_modes: {', '.join(INIT_KINDS)})."
-        )
-    if n_steps is None:
-        edge = 1.0 + np.sqrt(a_ratio)
-        n_steps = int(np.ceil(2.0 * time_to_fraction([edge], a0, 0.5, depth=depth, tau=1 / lr)[0]))
-    h = n_out if hidden is None else checks.count(hidden, "hidden")
-    g = make_generator(seed)
-    task = make_noisy_teacher(n_in, n_out, s_bar, n_seeds=n_seeds, seed=g)
-    w_bar = task.teacher.matrix
-    s_hat_m = task.sigma_hat
-    u_hat, s_hat, vh_hat = torch.linalg.svd(s_hat_m, full_matrices=False)
-    v_hat = vh_hat.transpose(-1, -2)
-    sizes = [n_in] + [h] * (depth - 1) + [n_out]
-    ws = init_weights(init, sizes, n_batch=n_seeds, a0=a0, modes=(u_hat, v_hat), seed=g)
-    norm = (s_bar**2).sum()
-
-    def observe(w: torch.Tensor) -> torch.Tensor:
-        train = ((w - s_hat_m) ** 2).sum((-1, -2)) / norm
-        test = ((w - w_bar) ** 2).sum((-1, -2)) / norm
-        return torch.stack([train, test], -1)
-
-    trace = gradient_descent(
-        ws, s_hat_m, lr, n_steps, record_every=record_every, observe=observe, progress=progress
-    )
-    obs = trace.observations.numpy()
-    train, test = obs[..., 0], obs[..., 1]
-    r = s_bar.size
-    ov = (
-        torch.einsum("bor,bor->br", task.teacher.U, u_hat[..., :r])
-        * torch.einsum("bir,bir->br", task.teacher.V, v_hat[..., :r])
-    ).numpy()
-    shrink = shrinkage_estimate(s_hat_m, a_ratio)
-    shrink_err = (((shrink - w_bar) ** 2).sum((-1, -2)) / norm).numpy()
-    mean_test = test.mean(1)
-    t_opt, e_opt = curve_minimum(trace.steps.astype(np.float64), mean_test)
-    i_opt = int(np.argmin(np.abs(trace.steps - t_opt)))
-    return GeneralizationSimulation(
-        steps=trace.steps,
-        train_error=train,
-        test_error=test,
-        s_hat=s_hat.numpy(),
-        overlap=ov,
-        oracle_strength=torch.einsum("bor,boi,bir->br", u_hat, w_bar, v_hat).numpy(),
-        shrinkage_test_error=shrink_err,
-        t_opt=t_opt,
-        test_error_opt=e_opt,
-        test_error_at_t_opt=test[i_opt],
-        best_test_error=test.min(0),
-        s_bar=s_bar,
-        n_in=n_in,
-        n_out=n_out,
-        depth=depth,
-        a0=a0,
-        lr=lr,
-        init=init,
-        hidden=h,
-        n_seeds=n_seeds,
-        seed=int(seed),
-    )
-
-
-@dataclass(frozen=True)
-class ShrinkageComparison:
-    """Shrinkage vs gradient descent at its optimal stopping time, per setting of a sweep.
-
-    Each row i is one setting ``settings[i] = (n_in, n_out, strengths)``. ``*_theory`` come from
-    :func:`generalization_theory`, ``*_sim`` are seed means from :func:`simulate_generalization`
-    (GD at the mean curve's t*), ``frac_seeds_shrinkage_better`` the fraction of seeds whose
-    shrinkage error is <= their GD test error at the common t* of the seed-mean curve.
-    """
-
-    settings: tuple[tuple[int, int, tuple[float, ...]], ...]
-    shrinkage_theory: np.ndarray
-    gd_opt_theory: np.ndarray
-    shrinkage_sim: np.ndarray
-    gd_opt_sim: np.ndarray
-    frac_seeds_shrinkage_better: np.ndarray
-
-
-def shrinkage_sweep(
-    settings: Any,
-    *,
-    n_seeds: int = 5,
-    a0: float = 1e-5,
-    lr: float = 1e-2,
-    depth: int = 2,
-    seed: int = 0,
-    progress: ProgressFn | None = None,
-) -> ShrinkageComparison:
-    """Compare the shrinkage estimator with early-stopped gradient descent over several settings."""
-    rows = [(int(ni), int(no), tuple(float(x) for x in np.atleast_1d(s))) for ni, no, s in settings]
-    out = np.zeros((5, len(rows)))
-    for i, (ni, no, s) in enumerate(rows):
-        th = generalization_theory(s, ni, no, a0=a0, depth=depth, lr=lr)
-        sim = simulate_generalization(s, ni, no, n_seeds=n_seeds, a0=a0, lr=lr, depth=depth, seed=seed + i)
-        out[:, i] = [
-            th.shrinkage_test_error,
-            th.test_error_opt,
-            sim.shrinkage_test_error.mean(),
-            sim.test_error_opt,
-            np.mean(sim.shrinkage_test_error <= sim.test_error_at_t_opt),
-        ]
-        report(progress, "shrinkage sweep", i + 1, len(rows))
-    return ShrinkageComparison(tuple(rows), *out)

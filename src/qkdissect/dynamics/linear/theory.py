@@ -24,6 +24,7 @@ import numpy as np
 from scipy import integrate
 
 from qkdissect.dynamics import checks
+from qkdissect.errors import QKDissectError
 
 __all__ = [
     "saxe_depth2",
@@ -32,6 +33,8 @@ __all__ = [
     "time_to_fraction",
     "discrete_mode_strength",
     "mode_strength_function",
+    "discretisation_deviation",
+    "learning_rate_for_tolerance",
 ]
 
 
@@ -189,6 +192,49 @@ def mode_strength_function(
         return lambda t: _closed_form(s, a0, np.atleast_1d(np.asarray(t, dtype=np.float64)), n, tau)
     sol = _integrate(s, a0, n, tau, max(float(t_end), 1e-12), rtol=rtol)
     return lambda t: np.exp(sol.sol(np.atleast_1d(np.asarray(t, dtype=np.float64))).T)
+
+
+def discretisation_deviation(
+    strengths: Any, a0: Any, lr: float, depth: int = 2, n_steps: int | None = None
+) -> np.ndarray:
+    """How far discrete gradient steps depart from gradient flow, per mode (decoupled init).
+
+    ``max_k |a_k − a(t = k)| / s`` over k = 0 … n_steps, with a_k the exact discrete recursion
+    (:func:`discrete_mode_strength`) and a(t) the flow (:func:`mode_strength`, τ = 1/lr). A full-matrix
+    simulation from decoupled init reproduces a_k to rounding error, so this is the whole of its
+    deviation from the theory. To first order it grows like lr·s. ``n_steps`` defaults to twice the
+    slowest half-time. Returns ``(M,)``.
+    """
+    s = checks.strengths(strengths)
+    lr = checks.positive(lr, "lr")
+    if n_steps is None:
+        n_steps = int(np.ceil(2.0 * np.max(half_time(s, a0, depth=depth, tau=1.0 / lr))))
+    discrete = discrete_mode_strength(s, a0, n_steps, depth=depth, lr=lr)
+    flow = mode_strength(s, a0, np.arange(n_steps + 1, dtype=np.float64), depth=depth, tau=1.0 / lr)
+    return np.abs(discrete - flow).max(0) / s
+
+
+def learning_rate_for_tolerance(
+    strengths: Any, a0: Any, tolerance: float, lr: float, depth: int = 2
+) -> tuple[float, np.ndarray]:
+    """A learning rate at which every mode's :func:`discretisation_deviation` is <= ``tolerance``.
+
+    Starts from ``lr`` scaled by tolerance / deviation (the deviation is ≈ proportional to lr) and
+    shrinks it by 10 % until the exact recursion meets the tolerance. Returns the learning rate
+    (rounded down to 2 significant digits) and the deviations ``(M,)`` there.
+    """
+    tol = checks.positive(tolerance, "tolerance")
+    dev = discretisation_deviation(strengths, a0, lr, depth)
+    candidate = float(lr) * min(1.0, 0.95 * tol / float(dev.max()))
+    for _ in range(60):
+        unit = 10.0 ** (np.floor(np.log10(candidate)) - 1)
+        candidate = float(f"{np.floor(candidate / unit) * unit:.2g}")  # 2 significant digits, rounded down
+        dev = discretisation_deviation(strengths, a0, candidate, depth)
+        if dev.max() <= tol:
+            return candidate, dev
+        candidate *= 0.9
+    raise QKDissectError(f"tolerance: no learning rate down to {candidate:.3g} meets {tol:g}; is it below the "
+                         "rounding error?")  # pragma: no cover - the deviation vanishes as lr -> 0
 
 
 # ----------------------------------------------------------------------------- internals

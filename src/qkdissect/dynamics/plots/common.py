@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["DPI", "mode_colors", "plt", "save_figure", "thin"]
+__all__ = ["DPI", "label_axes", "mode_colors", "plt", "save_figure", "thin"]
 
 DPI = 130
 
@@ -33,3 +33,12 @@ def thin(n: int, k: int = 60) -> slice:
 def mode_colors(n: int) -> np.ndarray:
     """``(n, 4)`` RGBA colours for n modes, strongest (first) darkest (viridis)."""
     return plt.cm.viridis(np.linspace(0.0, 0.88, n))
+
+
+def label_axes(ax: plt.Axes, xlabel: str, ylabel: str, title: str, *, legend: bool = True, fontsize: float = 8) -> None:
+    """Set an axes' x and y labels and title, and draw its legend."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if legend:
+        ax.legend(fontsize=fontsize)

@@ -18,6 +18,7 @@ __all__ = [
     "plot_icl_outer_loop",
     "plot_icl_in_context",
     "plot_icl_cosines",
+    "plot_metalearn_sweep",
 ]
 
 
@@ -242,4 +243,64 @@ def plot_icl_cosines(path: str | Path, variants: Sequence[dict]) -> Path:
         ax.set_ylabel("weighted cosine Σσcos/Σσ")
         ax.set_title(f"{v['name']}: QK similarity", fontsize=9)
     axes[0, -1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return save_figure(fig, path)
+
+
+def _sweep_panel(ax, rows: list[dict], key: str, fixed: str, value: int, bayes: float, n_x: int, label: str) -> None:
+    """LSTM error (seed mean, seeds as dots) and mean half-recovery point vs ``key`` at ``fixed`` = ``value``."""
+    sel = sorted((r for r in rows if r["prior"] == "rotation" and r[fixed] == value), key=lambda r: r[key])
+    xs = sorted({r[key] for r in sel})
+    err = [np.mean([r["error"] for r in sel if r[key] == x]) for x in xs]
+    half = [np.mean([np.nan if r["mean_half_point"] is None else r["mean_half_point"] for r in sel if r[key] == x])
+            for x in xs]  # NaN: no mode reached m = 0.5 within the episode
+    ax.plot([r[key] for r in sel], [r["error"] for r in sel], ".", color="tab:blue", alpha=0.5)
+    ax.plot(xs, err, "o-", color="tab:blue", label="LSTM held-out error")
+    ax.axhline(bayes, color="k", lw=1.2, label=f"Bayes = min-norm error {bayes:.3f}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs)
+    ax.set_xticklabels([str(x) for x in xs])
+    ax.set_xlabel(label)
+    ax.set_ylabel("relative error ‖ŷ − y‖² / Σs² (episode mean)")
+    ax.set_ylim(0, 1.05)
+    twin = ax.twinx()
+    twin.plot(xs, half, "s--", color="tab:red", label="LSTM mean half-recovery k½")
+    twin.axhline(n_x / 2, color="tab:red", lw=0.8, ls=":", label=f"min-norm k½ = N_x/2 = {n_x / 2:g}")
+    twin.set_ylabel("k½ (context samples)", color="tab:red")
+    twin.set_ylim(0, None)
+    lines = ax.get_legend_handles_labels()
+    more = twin.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="upper right")
+
+
+def plot_metalearn_sweep(path: str | Path, strengths: np.ndarray, rows: Sequence[dict], config: object,
+                         references: dict) -> Path:
+    """(a) LSTM error and k½ vs hidden size, (b) vs meta-training steps (rotation prior, Bayes = min-norm
+    line), then one panel per prior with a recorded outer loop: m_α(full context) over meta-training."""
+    rows = list(rows)
+    outer = [r for r in rows if "outer_loop" in r]
+    fig, axes = plt.subplots(1, 2 + len(outer), figsize=(5.4 * (2 + len(outer)), 4.6), squeeze=False)
+    bayes = references["rotation"]["bayes"]["error"] if "rotation" in references else float("nan")
+    _sweep_panel(axes[0, 0], rows, "hidden", "meta_steps", config.steps_for_hidden, bayes, config.n_x,
+                 f"LSTM hidden units ({config.steps_for_hidden} meta-steps)")
+    axes[0, 0].set_title("(a) capacity", fontsize=10)
+    _sweep_panel(axes[0, 1], rows, "meta_steps", "hidden", config.hidden_for_steps, bayes, config.n_x,
+                 f"meta-training steps ({config.hidden_for_steps} units)")
+    axes[0, 1].set_title("(b) meta-training length", fontsize=10)
+    colors = mode_colors(strengths.size)
+    for ax, r in zip(axes[0, 2:], outer):
+        ol = r["outer_loop"]
+        st = np.asarray(ol["steps"], dtype=float)
+        m = np.asarray(ol["recovery_full_context"])
+        hp = ol["concurrency"].get("half_points")
+        for a, (s, c) in enumerate(zip(strengths, colors)):
+            ax.plot(st, m[:, a], color=c, lw=1.6, label=f"s={s:g}")
+            if hp is not None and np.isfinite(hp[a]):
+                ax.axvline(hp[a], color=c, lw=0.7, ls=":")
+        idx = ol["concurrency"].get("index")
+        ax.set_xscale("symlog", linthresh=10.0)
+        ax.set_xlabel("meta-training step (symlog)")
+        ax.set_ylabel(f"m_α(k = {ol['k']}) on held-out tasks")
+        ax.set_title(f"({'cdefg'[list(outer).index(r)]}) outer loop, {r['prior']} prior: half-steps (dotted) "
+                     f"index {'n/a' if idx is None else f'{idx:.2f}'}", fontsize=9)
+        ax.legend(fontsize=7, ncol=2)
     return save_figure(fig, path)

@@ -11,8 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from qkdissect.dynamics.curves import nanmedian
-from qkdissect.dynamics.plots.common import plt, save_figure, thin
+from qkdissect.dynamics.plots.common import label_axes, plt, save_figure, thin
 
 __all__ = [
     "plot_mode_strengths",
@@ -20,6 +19,7 @@ __all__ = [
     "plot_spectrum",
     "plot_shrinkage",
     "plot_shrinkage_sweep",
+    "plot_finite_size",
     "plot_depth_sweep",
     "plot_transfer",
 ]
@@ -33,6 +33,8 @@ def plot_mode_strengths(
     target: np.ndarray,
     *,
     analytic_half_times: np.ndarray | None = None,
+    tolerance: float = 0.01,
+    tolerance_note: str = "",
     title: str = "",
 ) -> Path:
     """Mode strengths a_α(t): theory (solid) vs simulation (markers; thin lines per seed).
@@ -61,8 +63,10 @@ def plot_mode_strengths(
     ax2.set_xlabel("t (epochs)")
     ax2.set_ylabel(r"max over seeds $|a_{sim} - a_{theory}| / s$")
     ax2.set_title("Simulation vs theory (theory: decoupled init)")
-    ax2.axhline(0.01, color="red", ls="--", lw=1, label="1% bound")
+    ax2.axhline(tolerance, color="red", ls="--", lw=1, label=f"tolerance {tolerance:.2%}")
     ax2.legend(fontsize=8)
+    if tolerance_note:
+        ax2.text(0.02, -0.16, tolerance_note, transform=ax2.transAxes, fontsize=7, va="top", wrap=True)
     return save_figure(fig, path)
 
 
@@ -79,9 +83,13 @@ def plot_error_curves(
     t_opt_sim: float,
     shrinkage_theory: float,
     shrinkage_sim: float,
+    t_validation: np.ndarray | None = None,
+    test_error_at_validation: float | None = None,
     title: str = "",
 ) -> Path:
-    """Train/test error vs time: theory (solid), simulation mean ± sd (dashed, band), t* marked."""
+    """Train/test error vs time: theory (solid), simulation mean ± sd (dashed, band), the oracle t*
+    (theory, and the seed-mean test curve's minimum), the validation-chosen stopping steps (range shaded,
+    mean dotted) and the mean test error there."""
     fig, ax = plt.subplots(figsize=(8, 5))
     for lab, th, sim, c in (
         ("train", theory_train, sim_train, "tab:blue"),
@@ -92,15 +100,21 @@ def plot_error_curves(
         ax.plot(sim_steps, m, "--", color=c, lw=1.5, label=f"{lab} error, simulation (mean)")
         ax.fill_between(sim_steps, np.clip(m - sd, 1e-6, None), m + sd, color=c, alpha=0.2)
     ax.axvline(t_opt_theory, color="k", lw=1.2, label=f"t* theory = {t_opt_theory:.0f}")
-    ax.axvline(t_opt_sim, color="k", ls="--", lw=1.2, label=f"t* simulation = {t_opt_sim:.0f}")
+    ax.axvline(t_opt_sim, color="k", ls="--", lw=1.2, label=f"oracle t* (seed-mean test curve) = {t_opt_sim:.0f}")
+    if t_validation is not None and len(t_validation):
+        ax.axvspan(float(np.min(t_validation)), float(np.max(t_validation)), color="tab:purple", alpha=0.12,
+                   label="validation-chosen t (range over seeds)")
+        ax.axvline(float(np.mean(t_validation)), color="tab:purple", ls=":", lw=1.5,
+                   label=f"validation t, mean = {np.mean(t_validation):.0f}")
+    if test_error_at_validation is not None:
+        ax.axhline(test_error_at_validation, color="tab:purple", lw=1.2,
+                   label=f"GD at validation t, mean test error = {test_error_at_validation:.3f}")
     ax.axhline(shrinkage_theory, color="tab:green", lw=1.2,
                label=f"optimal shrinkage, theory = {shrinkage_theory:.3f}")
     ax.axhline(shrinkage_sim, color="tab:green", ls="--", lw=1.2,
                label=f"optimal shrinkage, simulation = {shrinkage_sim:.3f}")
     ax.set_yscale("log")
-    ax.set_xlabel("t (epochs)")
-    ax.set_ylabel(r"error / $\|\bar W\|_F^2$")
-    ax.set_title(title or "Generalisation dynamics")
+    label_axes(ax, "t (epochs)", r"error / $\|\bar W\|_F^2$", title or "Generalisation dynamics", legend=False)
     ax.legend(fontsize=8, loc="best")
     return save_figure(fig, path)
 
@@ -123,10 +137,7 @@ def plot_spectrum(
     ax.axvline(bulk_edge, color="tab:blue", ls="--", lw=1, label=f"bulk edge 1+√A = {bulk_edge:.3f}")
     for i, s in enumerate(predicted_spikes):
         ax.axvline(s, color="tab:red", lw=1.5, label="predicted spike ŝ(s̄)" if i == 0 else None)
-    ax.set_xlabel("singular value of Σ̂ = W̄ + Z")
-    ax.set_ylabel("density")
-    ax.set_title(title or "Spectrum of the training correlation")
-    ax.legend(fontsize=8)
+    label_axes(ax, "singular value of Σ̂ = W̄ + Z", "density", title or "Spectrum of the training correlation")
     return save_figure(fig, path)
 
 
@@ -149,10 +160,8 @@ def plot_shrinkage(
     ax.plot(empirical_s_hat.ravel(), empirical_oracle.ravel(), ".", ms=3, color="k", alpha=0.4,
             label=r"oracle $\hat u^\top \bar W \hat v$ (simulation)")
     ax.axvline(bulk_edge, color="tab:blue", ls="--", lw=1, label="bulk edge")
-    ax.set_xlabel("empirical singular value ŝ")
-    ax.set_ylabel("estimated singular value")
-    ax.set_title(title or "Singular-value shrinkage vs early-stopped gradient descent")
-    ax.legend(fontsize=8)
+    label_axes(ax, "empirical singular value ŝ", "estimated singular value",
+               title or "Singular-value shrinkage vs early-stopped gradient descent")
     return save_figure(fig, path)
 
 
@@ -163,17 +172,19 @@ def plot_shrinkage_sweep(
     gd_theory: np.ndarray,
     shrinkage_sim: np.ndarray,
     gd_sim: np.ndarray,
+    gd_validation_sim: np.ndarray,
 ) -> Path:
-    """Grouped bars: test error of shrinkage vs GD at t*, theory and simulation, per setting."""
-    fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(labels)), 4.8))
+    """Grouped bars per setting: test error of GD at the oracle t* (theory, simulation), GD at the
+    validation-chosen t (simulation) and the shrinkage estimator (theory, simulation)."""
+    fig, ax = plt.subplots(figsize=(max(8, 1.5 * len(labels)), 4.8))
     x = np.arange(len(labels))
-    wdt = 0.2
-    ax.bar(x - 1.5 * wdt, gd_theory, wdt, color="tab:orange", label="GD at t*, theory")
-    ax.bar(x - 0.5 * wdt, gd_sim, wdt, color="tab:orange", alpha=0.5, hatch="//",
-           label="GD at t*, simulation")
-    ax.bar(x + 0.5 * wdt, shrinkage_theory, wdt, color="tab:green", label="shrinkage, theory")
-    ax.bar(x + 1.5 * wdt, shrinkage_sim, wdt, color="tab:green", alpha=0.5, hatch="//",
-           label="shrinkage, simulation")
+    wdt = 0.16
+    ax.bar(x - 2 * wdt, gd_theory, wdt, color="tab:orange", label="GD at t*, theory")
+    ax.bar(x - wdt, gd_sim, wdt, color="tab:orange", alpha=0.5, hatch="//", label="GD at oracle t*, simulation")
+    ax.bar(x, gd_validation_sim, wdt, color="tab:purple", alpha=0.6, hatch="..",
+           label="GD at validation t, simulation")
+    ax.bar(x + wdt, shrinkage_theory, wdt, color="tab:green", label="shrinkage, theory")
+    ax.bar(x + 2 * wdt, shrinkage_sim, wdt, color="tab:green", alpha=0.5, hatch="//", label="shrinkage, simulation")
     ax.set_xticks(x)
     ax.set_xticklabels(labels, fontsize=8)
     ax.set_ylabel(r"test error / $\|\bar W\|_F^2$")
@@ -182,43 +193,91 @@ def plot_shrinkage_sweep(
     return save_figure(fig, path)
 
 
-def plot_depth_sweep(path: str | Path, sweep: object) -> Path:
-    """Epochs to criterion vs depth per init (median, quartiles; ▲ = not reached, at the cap)."""
+def plot_finite_size(path: str | Path, trend: object) -> Path:
+    """Test error vs N (N_i = N, fixed N_o/N_i): shrinkage and GD at the validation t (seed mean ± s.e.),
+    GD at the oracle t*, and the large-N theory at each N; right: each method's excess over shrinkage."""
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
-    depths = np.asarray(sweep.depths)
-    colors = plt.cm.tab10(np.arange(len(sweep.inits)))
-    for i, (kind, c) in enumerate(zip(sweep.inits, colors)):
-        t = sweep.times[i]
-        capped = np.where(np.isnan(t), sweep.max_steps, t)
-        med = np.median(capped, 1)
-        lo, hi = np.percentile(capped, 25, 1), np.percentile(capped, 75, 1)
-        ax.errorbar(depths, med, yerr=[med - lo, hi - med], color=c, marker="o", capsize=3,
-                    label=f"{kind} (simulation, median)")
-        cens = np.isnan(t).any(1)
-        if cens.any():
-            ax.plot(depths[cens], np.full(cens.sum(), sweep.max_steps), "^", color=c, ms=10,
-                    label=f"{kind}: some seeds not done by {sweep.max_steps}")
-        if np.isfinite(sweep.theory_times[i]).any():
-            ax.plot(depths, sweep.theory_times[i], "-", color=c, lw=3, alpha=0.4, label=f"{kind} (theory)")
-        j = len(depths) - 1
-        ax2.plot(sweep.loss_steps, nanmedian(sweep.loss[i, 0], 1), color=c, ls=":",
-                 label=f"{kind}, N={depths[0]}")
-        ax2.plot(sweep.loss_steps, nanmedian(sweep.loss[i, j], 1), color=c,
-                 label=f"{kind}, N={depths[j]}")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xticks(depths)
-    ax.set_xticklabels([str(d) for d in depths])
-    ax.set_xlabel("depth N (number of weight matrices)")
-    ax.set_ylabel(f"epochs to relative loss < {sweep.criterion:g}")
-    ax.set_title(f"Learning time vs depth (lr scaling {sweep.lr_scaling})")
+    n = np.asarray(trend.n_in)
+    ax.errorbar(n, trend.shrinkage, yerr=trend.shrinkage_sem, color="tab:green", marker="o", capsize=3,
+                label="shrinkage, simulation")
+    ax.errorbar(n, trend.gd_validation, yerr=trend.gd_validation_sem, color="tab:purple", marker="s", capsize=3,
+                label="GD at validation t, simulation")
+    ax.plot(n, trend.gd_oracle, "^--", color="tab:orange", label="GD at oracle t* (seed-mean curve)")
+    ax.plot(n, trend.theory_shrinkage, "-", color="tab:green", lw=2, alpha=0.5, label="shrinkage, theory")
+    ax.plot(n, trend.theory_gd, "-", color="tab:orange", lw=2, alpha=0.5, label="GD at t*, theory")
+    ax.set_ylabel(r"test error / $\|\bar W\|_F^2$")
+    ax.set_title(f"s̄ = {', '.join(f'{x:g}' for x in trend.strengths)}, N_o/N_i = {trend.n_out[0] / n[0]:g}, "
+                 f"{trend.n_seeds} seeds per N", fontsize=10)
     ax.legend(fontsize=8)
-    ax2.axhline(sweep.criterion, color="red", ls="--", lw=1, label="criterion")
-    ax2.set_yscale("log")
-    ax2.set_xlabel("t (epochs)")
-    ax2.set_ylabel(r"relative loss $\|\Sigma_{yx} - W\|^2 / \|\Sigma_{yx}\|^2$ (median)")
-    ax2.set_title("Training loss, shallowest vs deepest")
+    ax2.axhline(0.0, color="0.5", lw=0.8)
+    ax2.errorbar(n, trend.gd_validation - trend.shrinkage, yerr=trend.gd_validation_sem, color="tab:purple",
+                 marker="s", capsize=3, label="GD at validation t − shrinkage")
+    ax2.plot(n, trend.gd_oracle - trend.shrinkage, "^--", color="tab:orange", label="GD at oracle t* − shrinkage")
+    ax2.plot(n, trend.theory_gd - trend.theory_shrinkage, "-", color="k", lw=2, alpha=0.5,
+             label="theory: GD at t* − shrinkage")
+    ax2.set_ylabel("excess test error over shrinkage")
+    ax2.set_title("Gap to the non-gradient optimum", fontsize=10)
     ax2.legend(fontsize=8)
+    for a in (ax, ax2):
+        a.set_xscale("log", base=2)
+        a.set_xticks(n)
+        a.set_xticklabels([str(v) for v in n])
+        a.set_xlabel("N_i (training examples = input dimension)")
+    return save_figure(fig, path)
+
+
+def plot_depth_sweep(path: str | Path, sweep: object) -> Path:
+    """Epochs to the loss criterion vs depth: one panel per initialisation, side by side on one scale (seeds as
+    dots, median with the interquartile band, ▲ = seeds not done by ``max_steps``, drawn at the cap; decoupled:
+    the ODE's time), and a last panel with each init's median relative to its shallowest depth (▲ = a lower
+    bound: more than half the seeds not done)."""
+    inits = list(sweep.inits)
+    depths = np.asarray(sweep.depths)
+    fig, axes = plt.subplots(1, len(inits) + 1, figsize=(4.3 * (len(inits) + 1), 4.4), squeeze=False)
+    colors = plt.cm.tab10(np.arange(len(inits)))
+    rng = np.random.default_rng(0)
+    done_all = sweep.times[np.isfinite(sweep.times)]
+    bottom = 0.6 * float(done_all.min()) if done_all.size else 1.0
+    last = axes[0, -1]
+    for i, (kind, c) in enumerate(zip(inits, colors)):
+        ax = axes[0, i]
+        ax.set_yscale("log")
+        t = sweep.times[i]  # (depths, seeds)
+        capped = np.where(np.isnan(t), sweep.max_steps, t)
+        q25, med, q75 = np.quantile(capped, [0.25, 0.5, 0.75], axis=1)
+        jitter = np.exp(rng.uniform(-0.08, 0.08, t.shape))
+        done = ~np.isnan(t)
+        ax.plot((depths[:, None] * jitter)[done], t[done], ".", color=c, alpha=0.35, ms=4, label="seeds")
+        if (~done).any():
+            ax.plot((depths[:, None] * jitter)[~done], np.full((~done).sum(), sweep.max_steps), "^", color=c,
+                    alpha=0.5, ms=5, label=f"not done by {sweep.max_steps}")
+        ax.fill_between(depths, q25, q75, color=c, alpha=0.25, lw=0, label="interquartile range")
+        ax.plot(depths, med, "o-", color=c, lw=2, label=f"median of {t.shape[1]} seeds")
+        if np.isfinite(sweep.theory_times[i]).any():
+            ax.plot(depths, sweep.theory_times[i], "k--", lw=1.2, label="theory (mode ODE)")
+        ax.set_title(f"{kind}" + (f" (a₀ = {sweep.a0:g})" if kind in ("decoupled", "random") else
+                                  f" (gain {sweep.gain:g})"), fontsize=10)
+        ax.set_ylabel(f"epochs to relative loss < {sweep.criterion:g}")
+        ax.set_ylim(bottom, 1.6 * sweep.max_steps)
+        ax.legend(fontsize=7, loc="upper left")
+        ratio = med / med[0]
+        lower = np.isnan(t).sum(1) > t.shape[1] / 2  # the median is censored: ratio is a lower bound
+        last.plot(depths[~lower], ratio[~lower], "o-", color=c,
+                  label=f"{kind} (×{ratio[~lower][-1]:.2g} at N={depths[~lower][-1]})" if (~lower).any() else kind)
+        if lower.any():
+            last.plot(depths[lower], ratio[lower], "^", color=c, ms=8, label=f"{kind}: > half the seeds not done "
+                                                                           "(lower bound)")
+    for ax in axes[0]:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(depths)
+        ax.set_xticklabels([str(d) for d in depths])
+        ax.set_xlabel("depth N (number of weight matrices)")
+    last.set_yscale("log")
+    last.axhline(1.0, color="0.5", lw=0.8)
+    last.set_ylabel(f"median time / median at N = {depths[0]}")
+    last.set_title("growth with depth (lr_N = lr·2/N)" if sweep.lr_scaling == "1/N" else "growth with depth",
+                   fontsize=10)
+    last.legend(fontsize=7)
     return save_figure(fig, path)
 
 

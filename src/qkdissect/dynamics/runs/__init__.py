@@ -15,9 +15,11 @@ from typing import Any
 from qkdissect.dynamics.runs.common import FORMAT, FORMAT_VERSION, load_results
 from qkdissect.dynamics.runs.configs import (
     DepthSweepConfig,
+    FiniteSizeConfig,
     GeneralizationConfig,
     ICLConfig,
     MetalearnConfig,
+    MetalearnSweepConfig,
     SaxeConfig,
     TransferConfig,
 )
@@ -25,10 +27,11 @@ from qkdissect.dynamics.runs.configs import (
 #: runner (and loader) name -> the module that defines it
 RUNNERS = {"run_saxe": "saxe", "run_depth_sweep": "depth_sweep", "run_generalization": "generalization",
            "run_transfer": "transfer", "run_metalearn": "metalearn", "load_metalearn": "metalearn",
-           "run_icl": "icl", "load_icl": "icl"}
+           "run_icl": "icl", "load_icl": "icl", "run_metalearn_sweep": "metalearn_sweep",
+           "load_metalearn_sweep": "metalearn_sweep", "run_finite_size": "finite_size"}
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "load_results", "DepthSweepConfig", "GeneralizationConfig", "ICLConfig",
-           "MetalearnConfig", "SaxeConfig", "TransferConfig", *RUNNERS]
+__all__ = ["FORMAT", "FORMAT_VERSION", "load_results", "DepthSweepConfig", "FiniteSizeConfig", "GeneralizationConfig", "ICLConfig",
+           "MetalearnConfig", "MetalearnSweepConfig", "SaxeConfig", "TransferConfig", *RUNNERS]
 
 
 def __getattr__(name: str) -> Any:

@@ -36,6 +36,7 @@ __all__ = [
     "jsonable",
     "load_average",
     "load_results",
+    "outer_loop_concurrency",
     "output_folder",
     "recovery_curve",
     "subsample",
@@ -152,6 +153,21 @@ class RunClock:
         return {"timings_seconds": {**self.seconds, "total": time.perf_counter() - self.started},
                 "load_average": {"start": self.load_start, "end": load_average()},
                 "torch_threads": torch.get_num_threads()}
+
+
+def outer_loop_concurrency(steps: np.ndarray, recovery: np.ndarray, strengths: np.ndarray,
+                           min_final: float = 0.1) -> dict[str, Any]:
+    """How staggered the outer loop is: concurrency of m_α(step) / m_α(final) over training ``steps`` ``(C,)``.
+
+    ``recovery`` ``(C, r)``: the task-mean in-context recovery of each mode at each checkpoint. The
+    half-step of a mode is where it first reaches half its final value; index = std/mean over modes. If
+    some mode ends below ``min_final`` it was not learned and has no half-step: index None.
+    """
+    final = recovery[-1]
+    if np.all(final > min_final):
+        return concurrency(steps, recovery / final, strengths).to_dict()
+    return {"index": None, "half_points": None, "order_matches_strengths": None,
+            "note": f"some mode has final recovery <= {min_final:g}: not learned, no half-step"}
 
 
 def recovery_curve(steps: np.ndarray, per_task: np.ndarray, strengths: np.ndarray) -> dict[str, Any]:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-__all__ = ["DepthSweepConfig", "GeneralizationConfig", "ICLConfig", "MetalearnConfig", "SaxeConfig",
-           "SHRINKAGE_SWEEP_SETTINGS", "TransferConfig"]
+__all__ = ["DepthSweepConfig", "FiniteSizeConfig", "GeneralizationConfig", "ICLConfig", "MetalearnConfig", "MetalearnSweepConfig",
+           "SaxeConfig", "SHRINKAGE_SWEEP_SETTINGS", "TransferConfig"]
 
 
 #: (N_i, N_o, teacher strengths) of the shrinkage-vs-GD sweep.
@@ -34,7 +34,9 @@ class SaxeConfig:
     of the product on each mode (decoupled) or its scale (random); lr: learning rate, τ = 1/lr;
     init: decoupled | random | orthogonal | gaussian; gain: per-layer scale of orthogonal / gaussian;
     seeds: networks simulated as a batch; hidden: hidden width (>= number of modes); steps: gradient
-    steps (None: 2 × the slowest analytic half-time); seed: random seed.
+    steps (None: 2 × the slowest analytic half-time); tolerance: the largest max|Δa|/s that counts as
+    agreement with the theory (modes beyond it are named, with the cause and a learning rate that meets
+    it); seed: random seed.
     """
 
     strengths: tuple[float, ...] = (5.0, 4.0, 3.0, 2.0, 1.0)
@@ -46,6 +48,7 @@ class SaxeConfig:
     seeds: int = 3
     hidden: int = 32
     steps: int | None = None
+    tolerance: float = 0.01
     seed: int = 0
 
 
@@ -58,20 +61,21 @@ class DepthSweepConfig:
     at depth 2; lr_scaling: '1/N' (lr · 2/N at depth N) or 'constant'; criterion: relative training
     loss that counts as learned; max_steps: epochs before giving up; seeds: networks per (init,
     depth); width: hidden width (0: n); gain: per-layer scale of orthogonal / gaussian; a0: product
-    strength of decoupled / scale of random init; seed: random seed.
+    strength of decoupled init (1: Saxe's exact depth-independent regime; may exceed some s, those
+    modes decay) / scale of random init; seed: random seed.
     """
 
-    depths: tuple[int, ...] = (2, 4, 8, 16)
-    init: tuple[str, ...] = ("orthogonal", "gaussian")
+    depths: tuple[int, ...] = (2, 4, 8, 16, 32)
+    init: tuple[str, ...] = ("gaussian", "orthogonal", "decoupled")
     strengths: tuple[float, ...] = (4.0, 3.5, 3.0, 2.5, 2.0, 1.5, 1.0, 0.5)
     lr: float = 1e-2
     lr_scaling: str = "1/N"
     criterion: float = 0.01
     max_steps: int = 20_000
-    seeds: int = 8
+    seeds: int = 32
     width: int = 0
     gain: float = 1.0
-    a0: float = 1e-3
+    a0: float = 1.0
     seed: int = 0
 
 
@@ -99,6 +103,28 @@ class GeneralizationConfig:
     sweep: bool = True
     sweep_seeds: int = 5
     sweep_settings: tuple[tuple[int, int, tuple[float, ...]], ...] = SHRINKAGE_SWEEP_SETTINGS
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FiniteSizeConfig:
+    """Settings of ``qkdissect dynamics finite-size`` (the command's options have the same names).
+
+    strengths: teacher singular values s̄; sizes: N_i of each problem; aspect_ratio: N_o/N_i (<= 1);
+    seeds: teacher/noise draws per size; a0: the students' initial strength (small, so that the noise
+    modes learned by t* stay negligible at every N: with a₀ = 1e-5 their share grows ∝ N_o and the
+    theory's GD error at t* rises from 0.2104 at N = 100 to 0.2180 at N = 1600 for s̄ = 3, while with
+    1e-8 it ties with shrinkage, 0.2099, at every N); lr: learning rate (τ = 1/lr); depth: student
+    depth; seed: random seed.
+    """
+
+    strengths: tuple[float, ...] = (3.0,)
+    sizes: tuple[int, ...] = (100, 200, 400, 800, 1600)
+    aspect_ratio: float = 1.0
+    seeds: int = 10
+    a0: float = 1e-8
+    lr: float = 1e-2
+    depth: int = 2
     seed: int = 0
 
 
@@ -167,6 +193,44 @@ class MetalearnConfig:
         """Tiny settings for tests (well under a minute): everything small."""
         return dataclasses.replace(self, meta_steps=150, hidden=24, batch=16, train_tasks=500, test_tasks=48,
                                    episode_length=12, learner_steps=300, learner_record_every=5)
+
+
+@dataclass(frozen=True)
+class MetalearnSweepConfig:
+    """Settings of ``qkdissect dynamics metalearn-sweep`` (the command's options have the same names).
+
+    The task family and LSTM training of ``metalearn`` (``strengths``, ``n_x``, ``n_y``, ``batch``,
+    ``episode_length``, ``meta_lr``, ``train_tasks``, ``test_tasks``), noise-free. Under the rotation prior
+    one LSTM (per seed in ``seeds``) for every hidden size in ``hidden`` at ``steps_for_hidden``
+    meta-steps, and for every count in ``meta_steps`` at ``hidden_for_steps`` units; under every prior in
+    ``outer_priors`` the run at (``hidden_for_steps``, ``steps_for_hidden``) also records the outer loop:
+    the in-context recovery m_α(k) of ``outer_tasks`` held-out tasks at ``checkpoints`` checkpoints
+    (3/4 geometric). ``seed``: every derived seed comes from it (and from the point's seed).
+    """
+
+    strengths: tuple[float, ...] = (4.0, 3.0, 2.0, 1.5, 1.0, 0.7, 0.5, 0.3)
+    n_x: int = 8
+    n_y: int = 8
+    hidden: tuple[int, ...] = (32, 64, 128, 256)
+    steps_for_hidden: int = 4000
+    meta_steps: tuple[int, ...] = (1000, 2000, 4000, 8000)
+    hidden_for_steps: int = 128
+    outer_priors: tuple[str, ...] = ("rotation", "aligned")
+    seeds: tuple[int, ...] = (0,)
+    batch: int = 64
+    episode_length: int = 20
+    meta_lr: float = 1e-3
+    train_tasks: int = 50_000
+    test_tasks: int = 512
+    outer_tasks: int = 128
+    checkpoints: int = 40
+    seed: int = 0
+
+    def quick(self) -> "MetalearnSweepConfig":
+        """Tiny settings for tests (well under a minute)."""
+        return dataclasses.replace(self, hidden=(8, 12), steps_for_hidden=30, meta_steps=(30,), hidden_for_steps=8,
+                                   train_tasks=200, test_tasks=32, outer_tasks=16, checkpoints=5, episode_length=10,
+                                   batch=8)
 
 
 @dataclass(frozen=True)

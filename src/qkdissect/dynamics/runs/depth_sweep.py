@@ -1,7 +1,9 @@
-"""``qkdissect dynamics depth-sweep``: learning time vs depth for several initialisations.
+"""``qkdissect dynamics depth-sweep``: learning time vs depth for three initialisations side by side.
 
 Output folder: ``results.json`` (per initialisation and depth the epochs each seed needed to reach
-the loss criterion, their median, the decoupled-init theory) and ``depth_sweep.png``.
+the loss criterion, their median and quartiles, the growth over the shallowest depth, the
+decoupled-init theory) and ``depth_sweep.png``. Seeds that do not reach the criterion within
+``max_steps`` count as +∞ in the median and quartiles (which are then lower bounds or null).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from qkdissect.dynamics import checks
-from qkdissect.dynamics.curves import nanmedian
+from qkdissect.dynamics.curves import censored_quantiles, nanmedian
 from qkdissect.dynamics.linear.depth import depth_sweep
 from qkdissect.dynamics.plots.linear import plot_depth_sweep
 from qkdissect.dynamics.runs.common import RunClock, config_dict, output_folder, write_results
@@ -36,11 +38,13 @@ def run_depth_sweep(out: str | Path, config: DepthSweepConfig | None = None, *,
     fig = plot_depth_sweep(outdir / "depth_sweep.png", sw)
     table = []
     for i, kind in enumerate(sw.inits):
+        q25, med, q75 = censored_quantiles(sw.times[i], (0.25, 0.5, 0.75), axis=1)  # (depths,) each
         for j, d in enumerate(sw.depths):
             t = sw.times[i, j]
             table.append({
                 "init": kind, "depth": d, "lr": sw.lrs[j],
-                "median_time": float(np.median(np.where(np.isnan(t), np.inf, t))),
+                "median_time": med[j], "q25_time": q25[j], "q75_time": q75[j],
+                "median_over_shallowest": med[j] / med[0] if np.isfinite(med[[0, j]]).all() else None,
                 "mean_time_reached": float(np.nanmean(t)) if np.isfinite(t).any() else None,
                 "n_not_reached": int(np.isnan(t).sum()),
                 "times_per_seed": t, "theory_time": sw.theory_times[i, j],
@@ -50,9 +54,13 @@ def run_depth_sweep(out: str | Path, config: DepthSweepConfig | None = None, *,
         "normalisation": {
             "time": "epochs until ||Sigma_yx - W||_F^2/||Sigma_yx||_F^2 < criterion; "
             "null/inf = not reached within max_steps",
-            "lr": "lr * 2/N at depth N for lr_scaling '1/N'",
+            "lr": "lr_N = lr * 2/N at depth N for lr_scaling '1/N' (Saxe et al.'s 1/N scaling; depth 2 uses lr); "
+            "'constant': lr at every depth",
+            "median_and_quartiles": "over seeds, a seed not done within max_steps counted as +inf (null if the "
+            "quantile is one of them)",
             "inits": "orthogonal: gain*Haar orthogonal per layer; gaussian: gain*N(0,1/fan_in); "
-            "decoupled: aligned, product a0; random: a0^(1/N)*N(0,1/fan_in)",
+            "decoupled: every layer aligned to the task's modes and balanced, product U diag(a0) V^T (a0 = 1: "
+            "each layer the identity on the modes); random: a0^(1/N)*N(0,1/fan_in)",
         },
         "results": table,
         "loss_curves": {"steps": sw.loss_steps, "median_loss": nanmedian(sw.loss, -1)},

@@ -1,9 +1,15 @@
-"""``qkdissect dynamics generalization``: train/test error over time, optimal stopping, shrinkage.
+"""``qkdissect dynamics generalization``: train/test error over time, early stopping, shrinkage.
 
 Output folder: ``results.json`` and ``errors.png`` (train / test error over time, theory and
-simulation, t* marked), ``spectrum.png`` (Σ̂'s singular values vs Marchenko–Pastur and the predicted
-spikes), ``shrinkage.png`` (kept singular value vs ŝ for each estimator) and, with the sweep,
-``shrinkage_sweep.png``. Error definitions: :data:`~qkdissect.dynamics.linear.generalization.ERROR_DEFINITIONS`.
+simulation, the oracle t* and the validation-chosen stopping steps), ``spectrum.png`` (Σ̂'s singular
+values vs Marchenko–Pastur and the predicted spikes), ``shrinkage.png`` (kept singular value vs ŝ for
+each estimator) and, with the sweep, ``shrinkage_sweep.png``. The finite-size trend of the comparison
+is ``qkdissect dynamics finite-size`` (:mod:`.finite_size`).
+Error definitions: :data:`~qkdissect.dynamics.linear.generalization.ERROR_DEFINITIONS`.
+
+Fair comparison: gradient descent stops where each student's loss on a validation set drawn like the
+training set is smallest (it never sees the teacher); the oracle t* (minimum of the seed-mean test
+curve) is reported separately. The shrinkage estimator uses the large-N bulk edge.
 """
 
 from __future__ import annotations
@@ -15,19 +21,32 @@ import numpy as np
 
 from qkdissect.dynamics import checks
 from qkdissect.dynamics.linear import rmt
-from qkdissect.dynamics.linear.generalization import (
-    ERROR_DEFINITIONS,
-    generalization_theory,
+from qkdissect.dynamics.linear.generalization import ERROR_DEFINITIONS, generalization_theory
+from qkdissect.dynamics.linear.generalization_sim import (
     shrinkage_sweep,
     simulate_generalization,
 )
 from qkdissect.dynamics.linear.theory import mode_strength_function
-from qkdissect.dynamics.plots.linear import plot_error_curves, plot_shrinkage, plot_shrinkage_sweep, plot_spectrum
+from qkdissect.dynamics.plots.linear import (
+    plot_error_curves,
+    plot_shrinkage,
+    plot_shrinkage_sweep,
+    plot_spectrum,
+)
 from qkdissect.dynamics.runs.common import RunClock, config_dict, output_folder, write_results
 from qkdissect.dynamics.runs.configs import GeneralizationConfig
 from qkdissect.progress import ProgressFn
 
-__all__ = ["run_generalization"]
+__all__ = ["STOPPING_DEFINITIONS", "run_generalization"]
+
+STOPPING_DEFINITIONS = {
+    "validation_loss": "||Sigma_val - W(t)||_F^2 / ||Sigma_val||_F^2, Sigma_val = W_bar + Z_val, Z_val independent of "
+                       "the training noise (a validation set of N_i orthonormal inputs drawn like the training set)",
+    "t_validation": "each student's own argmin over t of its validation loss (chosen without the teacher)",
+    "t_opt_sim": "oracle: argmin of the seed-mean test curve (uses the teacher)",
+    "best_test_error": "oracle per seed: each seed's own minimum of its test curve",
+}
+
 
 def run_generalization(out: str | Path, config: GeneralizationConfig | None = None, *,
                        progress: ProgressFn | None = None) -> dict[str, Any]:
@@ -73,6 +92,7 @@ def run_generalization(out: str | Path, config: GeneralizationConfig | None = No
         outdir / "errors.png", th.times, th.train_error, th.test_error, sim.steps,
         sim.train_error, sim.test_error, t_opt_theory=th.t_opt, t_opt_sim=sim.t_opt,
         shrinkage_theory=th.shrinkage_test_error, shrinkage_sim=float(sim.shrinkage_test_error.mean()),
+        t_validation=sim.t_validation, test_error_at_validation=float(sim.test_error_at_validation.mean()),
         title=f"N_i={n_in}, N_o={n_out}, s̄={','.join(f'{x:g}' for x in th.s_bar)}, {init} init, "
         f"{n_seeds} seeds",
     )
@@ -83,7 +103,7 @@ def run_generalization(out: str | Path, config: GeneralizationConfig | None = No
             **config_dict(c), "strengths": th.s_bar, "aspect_ratio": a_ratio, "a0_used_by_theory": a0_theory,
             "tau": 1.0 / lr, "hidden": sim.hidden, "steps": int(sim.steps[-1]),
         },
-        "normalisation": dict(ERROR_DEFINITIONS),
+        "normalisation": {**ERROR_DEFINITIONS, **STOPPING_DEFINITIONS},
         "t_opt_theory": th.t_opt,
         "t_opt_sim": sim.t_opt,
         "t_opt_relative_difference": (sim.t_opt - th.t_opt) / th.t_opt if th.t_opt > 0 else None,
@@ -91,6 +111,10 @@ def run_generalization(out: str | Path, config: GeneralizationConfig | None = No
         "test_error_at_t_opt_sim": sim.test_error_opt,
         "test_error_at_t_opt_sim_per_seed": sim.test_error_at_t_opt,
         "train_error_at_t_opt_theory": th.train_error_opt,
+        "t_validation_per_seed": sim.t_validation,
+        "test_error_at_validation_sim": float(sim.test_error_at_validation.mean()),
+        "test_error_at_validation_sim_per_seed": sim.test_error_at_validation,
+        "best_test_error_sim_per_seed": sim.best_test_error,
         "shrinkage_test_error": float(sim.shrinkage_test_error.mean()),
         "shrinkage_test_error_theory": th.shrinkage_test_error,
         "shrinkage_test_error_per_seed": sim.shrinkage_test_error,
@@ -105,6 +129,7 @@ def run_generalization(out: str | Path, config: GeneralizationConfig | None = No
             "times": th.times, "train_error_theory": th.train_error, "test_error_theory": th.test_error,
             "train_error_sim_mean": sim.train_error.mean(1), "train_error_sim_std": sim.train_error.std(1),
             "test_error_sim_mean": sim.test_error.mean(1), "test_error_sim_std": sim.test_error.std(1),
+            "validation_loss_sim_mean": sim.validation_loss.mean(1),
         },
         "spectrum": {
             "histogram_density": hist, "histogram_edges": edges, "mp_grid": grid,
@@ -123,7 +148,7 @@ def run_generalization(out: str | Path, config: GeneralizationConfig | None = No
         labels = [f"N_i={a},N_o={b}\ns̄={','.join(f'{x:g}' for x in s)}" for a, b, s in sw.settings]
         f_sw = plot_shrinkage_sweep(
             outdir / "shrinkage_sweep.png", labels, sw.shrinkage_theory, sw.gd_opt_theory,
-            sw.shrinkage_sim, sw.gd_opt_sim,
+            sw.shrinkage_sim, sw.gd_opt_sim, sw.gd_validation_sim,
         )
         figures.append(f_sw.name)
         results["shrinkage_sweep"] = [
@@ -136,6 +161,9 @@ def run_generalization(out: str | Path, config: GeneralizationConfig | None = No
                 "shrinkage_not_worse_theory": bool(sw.shrinkage_theory[i] <= sw.gd_opt_theory[i] + 1e-12),
                 "shrinkage_not_worse_sim": bool(sw.shrinkage_sim[i] <= sw.gd_opt_sim[i]),
                 "fraction_of_seeds_shrinkage_not_worse": sw.frac_seeds_shrinkage_better[i],
+                "gd_test_error_at_validation_sim": sw.gd_validation_sim[i],
+                "fraction_of_seeds_shrinkage_not_worse_than_validation":
+                    sw.frac_seeds_shrinkage_better_than_validation[i],
             }
             for i, (a, b, s) in enumerate(sw.settings)
         ]

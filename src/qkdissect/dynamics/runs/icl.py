@@ -38,7 +38,7 @@ from qkdissect.dynamics import checks
 from qkdissect.dynamics.curves import staggering
 from qkdissect.dynamics.incontext.estimators import estimator_recovery, min_norm_recovery
 from qkdissect.dynamics.incontext.model import ATTENTION_KINDS, ICLTransformer
-from qkdissect.dynamics.incontext.setting import PRIORS, concurrency, make_prior_tasks, task_subset
+from qkdissect.dynamics.incontext.setting import PRIORS, make_prior_tasks, task_subset
 from qkdissect.dynamics.incontext.train import cosine_statistics, probe_icl, train_icl, weight_spectra
 from qkdissect.dynamics.linear.tasks import LinearTask
 from qkdissect.dynamics.plots.incontext import plot_icl_cosines, plot_icl_in_context, plot_icl_outer_loop
@@ -47,6 +47,7 @@ from qkdissect.dynamics.runs.common import (
     config_dict,
     derive_seeds,
     load_results,
+    outer_loop_concurrency,
     output_folder,
     recovery_curve,
     write_results,
@@ -89,12 +90,7 @@ def _variant(
     ck = log.checkpoint_steps
     spectra = weight_spectra(snapshots, n_x)
     m_outer = np.stack(m_full)  # (C, r)
-    final = m_outer[-1]
-    if np.all(final > 0.1):
-        outer_conc = concurrency(ck, m_outer / final, s).to_dict()
-    else:  # relative to a final value near 0 the half-step is noise
-        outer_conc = {"index": None, "half_points": None, "order_matches_strengths": None,
-                      "note": "some mode has final m_alpha(N) <= 0.1: not learned, no half-step"}
+    outer_conc = outer_loop_concurrency(ck, m_outer, s)
     diag_strength = np.abs(spectra["kq_xx_diag"]).sum(2)  # (C, L, N_x): Σ_h |M_xx,h[α, α]|
     outer_loop = {
         "steps": ck,
