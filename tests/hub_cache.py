@@ -44,15 +44,16 @@ def safetensors_bytes(state: dict[str, torch.Tensor]) -> bytes:
     return save({k: v.detach().contiguous() for k, v in state.items()})
 
 
-def add_timm_model(hf_home: Path, name: str, seed: int, **model_args) -> dict[str, torch.Tensor]:
-    """timm's pretrained ``name`` (arch.tag, e.g. test_vit.r160_in1k) with random weights, as timm's hub repo
-    ``timm/NAME`` holds it (config.json + model.safetensors); returns the state dict."""
+def add_timm_model(hf_home: Path, name: str, seed: int, scramble=None, **model_args) -> dict[str, torch.Tensor]:
+    """timm's pretrained ``name`` (arch.tag, e.g. test_vit.r160_in1k) with random weights (timm's initialisation,
+    or ``scramble(state, seed)``), as timm's hub repo ``timm/NAME`` holds it (config.json + model.safetensors);
+    returns the state dict."""
     import timm
 
     torch.manual_seed(seed)
     arch = name.split(".", 1)[0]
     model = timm.create_model(arch, pretrained=False, **model_args)
-    state = model.state_dict()
+    state = model.state_dict() if scramble is None else scramble(model.state_dict(), seed)
     config = {"architecture": arch, "num_classes": model.num_classes, "model_args": model_args,
               "pretrained_cfg": {"tag": name.split(".", 1)[-1], "input_size": [3, 160, 160]}}
     add_repo(hf_home, f"timm/{name}", {"config.json": json.dumps(config).encode(),

@@ -83,7 +83,8 @@ def depth_trend(weighted: Sequence[Sequence[float]] | np.ndarray, *, samples: in
     n_layers, n_heads = values.shape
     depth = np.arange(n_layers) / max(n_layers - 1, 1)
     means = values.mean(axis=1)
-    early, late = float(means[depth <= 1 / 3].mean()), float(means[depth >= 2 / 3].mean())
+    early, late = (float(means[part].mean()) if part.any() else float("nan")
+                   for part in (depth <= 1 / 3, (depth >= 2 / 3) & (n_layers > 1)))
     if n_layers < 2:
         nan = float("nan")
         return DepthTrend(nan, nan, nan, early, late, level, samples)

@@ -51,9 +51,9 @@ def trend_table(rows: Sequence[list[str]], title: str = "early-vs-late trend", l
     table = Table(title=title, caption=f"slope: least-squares slope of the layer-mean weighted cosine against "
                                        f"relative depth; interval: central {level:.0%} of a bootstrap over heads; "
                                        "rises / falls when the interval excludes 0")
-    for column in ("model", "layers × heads", "early C", "late C", "slope", f"{level:.0%} interval", "trend",
-                   *extra):
-        table.add_column(column, justify="left" if column in ("model", "trend", *extra) else "right")
+    for column in ("model", "layers × heads", "early C", "late C", "slope", f"{level:.0%} CI", "trend", *extra):
+        table.add_column(column, justify="left" if column in ("model", "trend", *extra) else "right",
+                         no_wrap=column not in ("model", "layers × heads", *extra))
     for row in rows:
         table.add_row(*row)
     return table
