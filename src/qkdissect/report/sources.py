@@ -60,8 +60,8 @@ def read_compare_sources(paths: Sequence[str | os.PathLike]) -> list[CompareSour
             sources.extend(_from_compare_folder(path / "compare"))
         else:
             raise QKDissectError(f"--compare {path}: expected an atlas folder (with atlas.json, from `qkdissect "
-                                 "dissect`), a comparison folder (with compare.json, from `qkdissect compare`) or a "
-                                 "survey folder (with survey.json, from `qkdissect survey`).")
+                                 "dissect`) or a comparison folder (with compare.json, from `qkdissect compare`; "
+                                 "or a survey folder with survey.json, from `qkdissect survey`).")
     return sources
 
 
