@@ -70,7 +70,8 @@ def hub_offline() -> bool:
         return True
     from huggingface_hub import constants
 
-    return bool(constants.is_offline_mode())
+    check = getattr(constants, "is_offline_mode", None)  # huggingface_hub ≥ 1.0; before: the constant
+    return bool(check() if callable(check) else getattr(constants, "HF_HUB_OFFLINE", False))
 
 
 def _probe_target() -> tuple[str, int]:

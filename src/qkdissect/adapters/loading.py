@@ -289,7 +289,7 @@ def _timm_folder(folder: Path, config: dict[str, Any], weights: Path | None, che
 def _download_first(repo: str, filenames: tuple[str, ...], what: str) -> Path:
     """Download the first of ``filenames`` that ``repo`` has (retry messages silenced)."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.utils import EntryNotFoundError
 
     from qkdissect.adapters.hub import quiet_hub, split_revision
 
