@@ -315,6 +315,9 @@ def test_survey_refuses_foreign_folders_and_other_options(tmp_path):
     survey(["tiny3"], tmp_path / "s", null_samples=20, trend_samples=50, loader=tiny_loader([]))
     with pytest.raises(QKDissectError, match=r"other options \(null_samples=20\)"):
         survey(["tiny3"], tmp_path / "s", null_samples=30, loader=tiny_loader([]))
+    for bad in ({"dtype": "float16"}, {"null_samples": 0}, {"trend_samples": 0}, {"null_percentile": 100}):
+        with pytest.raises(QKDissectError):
+            survey(["tiny3"], tmp_path / "s", loader=tiny_loader([]), **bad)
     index = tmp_path / "s" / "survey.json"
     document = json.loads(index.read_text())
     document["models"][0]["atlas"] = "../../victim"

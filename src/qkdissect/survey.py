@@ -323,6 +323,11 @@ def survey(
     """
     if loader is None:
         from qkdissect.adapters import load_model as loader
+    if dtype not in ("float32", "float64"):
+        raise QKDissectError(f"dtype must be float32 or float64, got {dtype!r}.")
+    if null_samples < 2 or not 0 < null_percentile < 100 or trend_samples < 1:
+        raise QKDissectError(f"need null_samples ≥ 2, 0 < null_percentile < 100 and trend_samples ≥ 1; got "
+                             f"{null_samples}, {null_percentile} and {trend_samples}.")
     out = Path(out)
     previous = _claim(out)
     options = {"fold_ln": bool(fold_ln), "dtype": str(dtype), "null_samples": int(null_samples),
