@@ -91,14 +91,17 @@ def register(app: typer.Typer) -> None:
         """
         from qkdissect import dissect as run_dissect
         from qkdissect import load_model
+        from qkdissect.decomposition import ATLAS_FORMAT
+        from qkdissect.outputs import check_out
 
+        check_out(out, ATLAS_FORMAT, "atlas.json")
         with err_console.status(f"loading {model}"):
             loaded = load_model(model, checkpoint, random_init=random_init)
         with err_console.status("decomposing"):
             atlas = run_dissect(loaded, fold_ln=fold_ln, dtype=dtype, device=device, null_samples=null_samples,
                                 null_percentile=null_percentile, seed=seed)
-        atlas.save(out)
-        figures = write_figures(atlas, out)
+        atlas.save(out, extra=lambda folder: write_figures(atlas, folder))
+        figures = [out / "layer_similarity.png", out / "mode_cosines.png"]
         console.print(summary_table(atlas, f"{loaded.spec} — {loaded.family}, {atlas.n_layers} layers × "
                                            f"{atlas.n_heads} heads, d_model {atlas.d_model}, d_head {atlas.rank}"))
         degenerate = int(atlas.degenerate.sum())
@@ -117,8 +120,11 @@ def register(app: typer.Typer) -> None:
         labels: Optional[str] = typer.Option(None, help="Comma-separated labels (default: the model specs)."),
     ) -> None:
         """Layer-wise similarity curves of several models side by side (relative depth on the x axis)."""
+        from qkdissect.comparison import FORMAT
         from qkdissect.comparison import compare as run_compare
+        from qkdissect.outputs import check_out
 
+        check_out(out, FORMAT, "compare.json")
         comparison = run_compare(atlases, labels.split(",") if labels else None)
         figure, index = comparison.save(out)
         for model in comparison.models:
