@@ -287,6 +287,29 @@ def test_survey_library_isolates_failures_and_reports_progress(tmp_path):
     assert set(more.skipped) == {"tiny3", "tiny5"} and len(more.comparison.models) == 3
 
 
+def test_interrupted_survey_resumes_its_own_list_and_keeps_the_users_files(tmp_path):
+    """A run stopped inside its second model (Ctrl-C, or a kill) resumes with no MODEL argument: the list is in
+    survey.json from the start, the done model is not loaded again, and files the user put there stay."""
+    calls: list[str] = []
+    inner = tiny_loader(calls)
+
+    def interrupted(spec: str, random_init: bool = False):
+        if spec == "tiny5":
+            raise KeyboardInterrupt
+        return inner(spec, random_init)
+
+    with pytest.raises(KeyboardInterrupt):
+        survey(["tiny3", "tiny5", "tiny4"], tmp_path / "s", null_samples=20, trend_samples=50, loader=interrupted)
+    assert [m["spec"] for m in load_survey(tmp_path / "s")["planned"]] == ["tiny3", "tiny5", "tiny4"]
+    (tmp_path / "s" / "notes.txt").write_text("mine")
+    calls.clear()
+    result = survey(None, tmp_path / "s", null_samples=20, trend_samples=50, loader=tiny_loader(calls))
+    assert calls == ["tiny5", "tiny4"] and result.skipped == ("tiny3",)
+    assert [e.status for e in result.entries] == ["done"] * 3
+    assert (tmp_path / "s" / "notes.txt").read_text() == "mine"
+    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob(".qkdissect-tmp"))
+
+
 def test_survey_with_one_model_done_and_none_done(tmp_path):
     one = survey(["tiny4", "boom"], tmp_path / "one", null_samples=20, trend_samples=50, loader=tiny_loader([]))
     assert len(one.comparison.models) == 1 and (tmp_path / "one" / "compare" / "compare.png").is_file()
@@ -306,7 +329,7 @@ def test_survey_refuses_foreign_folders_and_other_options(tmp_path):
     foreign = tmp_path / "thesis"
     foreign.mkdir()
     (foreign / "ch1.tex").write_text("t")
-    with pytest.raises(QKDissectError, match="holds no survey.json"):
+    with pytest.raises(QKDissectError, match=r"holds no qkdissect manifest \(survey.json"):
         survey(["tiny3"], foreign, loader=tiny_loader([]))
     assert [p.name for p in foreign.iterdir()] == ["ch1.tex"]
     (tmp_path / "file").write_text("x")
@@ -324,7 +347,8 @@ def test_survey_refuses_foreign_folders_and_other_options(tmp_path):
     index.write_text(json.dumps(document))
     with pytest.raises(QKDissectError, match="not a folder under atlases/"):
         survey(None, tmp_path / "s", null_samples=20, loader=tiny_loader([]))
-    index.write_text(json.dumps({"format": "qkdissect-survey", "format_version": 1, "options": {}, "models": [{}]}))
+    index.write_text(json.dumps({"format": "qkdissect-survey", "format_version": 1, "files": [], "options": {},
+                                 "models": [{}]}))
     with pytest.raises(QKDissectError, match=r"models\.0\.spec"):
         survey(None, tmp_path / "s", loader=tiny_loader([]))
 

@@ -8,7 +8,8 @@ folder is not loaded again; failed models are tried again.
 
 Folder written (``out``)::
 
-    survey.json        {"format": "qkdissect-survey", "format_version": 1, "created", "updated", "versions",
+    survey.json        {"format": "qkdissect-survey", "format_version": 1, "files": ["trends.csv"], "created",
+                        "updated", "versions",
                         "options": {fold_ln, dtype, null_samples, null_percentile, seed, random_init},
                         "planned": [{spec, label}] (the models of the survey, in order),
                         "models": [{spec, label, status: "done" | "failed", reason, atlas, seconds,
@@ -17,6 +18,9 @@ Folder written (``out``)::
     atlases/SLUG/      one atlas per done model (as `qkdissect dissect` writes it, figures included)
     compare/           the comparison of the done models (compare.json, compare.png: `qkdissect compare` format;
                        `qkdissect report ATLAS --compare OUT` reads it)
+
+Every folder is owned as :mod:`qkdissect.outputs` says: survey.json lists the files of the survey folder itself,
+each atlas folder and compare/ carry their own index; a non-empty folder that is not a survey is refused.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from typing import Any, Callable, Literal, Sequence
 from qkdissect.comparison import ComparedModel, Comparison, DepthTrend, compare
 from qkdissect.decomposition import ModeAtlas, dissect
 from qkdissect.errors import QKDissectError
-from qkdissect.files import atomic_write, library_versions, write_json
+from qkdissect.files import library_versions
 from qkdissect.progress import ProgressFn
 
 __all__ = ["DEFAULT_MODELS", "FORMAT", "FORMAT_VERSION", "SurveyEntry", "SurveyModel", "SurveyResult",
@@ -206,29 +210,26 @@ def load_survey(folder: str | os.PathLike) -> dict[str, Any]:
     return _validate(document, path)
 
 
-def _claim(out: Path) -> dict[str, Any] | None:
-    """The previous survey in ``out`` (None when ``out`` is new or empty); refuse any other folder."""
-    if out.exists() and not out.is_dir():
-        raise QKDissectError(f"--out {out} is a file; give a folder for the survey.")
-    if (out / INDEX).is_file():
-        return load_survey(out)
-    if out.is_dir() and any(out.iterdir()):
-        raise QKDissectError(f"--out {out} is not empty and holds no {INDEX}, so it is not a previous survey: nothing "
-                             "in it was touched. Give a new or empty folder.")
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise QKDissectError(f"--out {out}: {parent} is not writable; choose a folder you can write to.")
-    return None
+def _previous(out: Path) -> dict[str, Any] | None:
+    """The previous survey in ``out`` (None when ``out`` is new or empty); any other folder is refused
+    (:mod:`qkdissect.outputs`: a non-empty folder without a survey.json listing its files is not touched)."""
+    from qkdissect.outputs import check_out
+
+    check_out(out, FORMAT, INDEX)
+    return load_survey(out) if (out / INDEX).is_file() else None
 
 
 def _write_index(out: Path, options: dict[str, Any], planned: Sequence[SurveyModel], entries: Sequence[SurveyEntry],
                  created: str) -> None:
-    write_json(out / INDEX, {"format": FORMAT, "format_version": FORMAT_VERSION, "created": created,
-                             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": library_versions(),
-                             "options": options, "planned": [vars(model) for model in planned],
-                             "models": [entry.to_json() for entry in entries], "files": ["trends.csv"]})
+    """survey.json (the index, written last) and trends.csv, through :class:`qkdissect.outputs.OutputFolder`."""
+    from qkdissect.outputs import OutputFolder
+
+    with OutputFolder(out, FORMAT, INDEX, noun="survey").claim(replace=True) as folder:
+        (folder.staging / "trends.csv").write_text(_trend_csv(entries), encoding="utf-8")
+        folder.finish({"format_version": FORMAT_VERSION, "created": created,
+                       "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": library_versions(),
+                       "options": options, "planned": [vars(model) for model in planned],
+                       "models": [entry.to_json() for entry in entries]})
 
 
 def _trend_csv(entries: Sequence[SurveyEntry]) -> str:
@@ -260,9 +261,8 @@ def _survey_one(model: SurveyModel, folder: Path, options: dict[str, Any], devic
                         null_samples=options["null_samples"], null_percentile=options["null_percentile"],
                         seed=options["seed"])
         step(2)
-        atlas.save(folder)
-        plot_layer_similarity(atlas, folder / "layer_similarity.png")
-        plot_mode_cosines(atlas, folder / "mode_cosines.png")
+        atlas.save(folder, extra=lambda staging: (plot_layer_similarity(atlas, staging / "layer_similarity.png"),
+                                                  plot_mode_cosines(atlas, staging / "mode_cosines.png")))
         return "done", ""
     except QKDissectError as error:
         return "failed", str(error)
@@ -329,7 +329,7 @@ def survey(
         raise QKDissectError(f"need null_samples ≥ 2, 0 < null_percentile < 100 and trend_samples ≥ 1; got "
                              f"{null_samples}, {null_percentile} and {trend_samples}.")
     out = Path(out)
-    previous = _claim(out)
+    previous = _previous(out)
     options = {"fold_ln": bool(fold_ln), "dtype": str(dtype), "null_samples": int(null_samples),
                "null_percentile": float(null_percentile), "seed": int(seed), "random_init": bool(random_init)}
     old: dict[str, SurveyEntry] = {}
@@ -366,7 +366,6 @@ def survey(
     entries: dict[str, SurveyEntry] = dict(old)
     skipped: list[str] = []
     atlases: dict[str, ModeAtlas] = {}
-    out.mkdir(parents=True, exist_ok=True)
     _write_index(out, options, todo, list(old.values()), created)  # a killed run resumes this list
     report("models", 0, len(todo))
     for position, model in enumerate(todo):
@@ -403,7 +402,6 @@ def survey(
     comparison = _compare([atlases[entry.spec] for entry in done], [entry.label for entry in done],
                           [entry.atlas for entry in done])
     comparison.save(out / "compare")
-    atomic_write(out / "trends.csv", lambda p: p.write_text(_trend_csv(ordered), encoding="utf-8"))
     trends = {model.label: model.trend(samples=trend_samples, seed=seed) for model in comparison.models}
     return SurveyResult(out=out, entries=ordered, skipped=tuple(skipped), comparison=comparison, trends=trends)
 
