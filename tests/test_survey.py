@@ -66,7 +66,8 @@ def cli(args: list[str], home: Path, cwd: Path, timeout: float = 300) -> tuple[s
     """``python -m qkdissect ARGS`` in a fresh process with HF_HOME=home and HF_HUB_OFFLINE=1; (result, seconds)."""
     env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(SRC),
            "COLUMNS": "200", "MPLBACKEND": "Agg"}
-    env.pop("HF_HUB_CACHE", None)
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        env.pop(name, None)
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "qkdissect", *args], cwd=cwd, env=env, capture_output=True,
                             text=True, timeout=timeout)
