@@ -24,7 +24,7 @@ from qkdissect.adapters import wrap_model
 from qkdissect.cli import app
 from qkdissect.comparison import compare, depth_trend
 from qkdissect.decomposition import ModeAtlas
-from qkdissect.survey import DEFAULT_MODELS, load_survey, read_model_list, survey
+from qkdissect.model_survey import DEFAULT_MODELS, load_survey, read_model_list, survey
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PRESENT = ("test_vit.r160_in1k", "test_vit2.r160_in1k")  # real timm pretrained names of tiny architectures

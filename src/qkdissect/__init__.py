@@ -17,7 +17,7 @@ from qkdissect.decomposition import HeadModes, ModeAtlas, dissect
 from qkdissect.errors import QKDissectError
 from qkdissect.factored import factored_svd
 from qkdissect.metrics import NullReference, gaussian_null
-from qkdissect.survey import survey
+from qkdissect.model_survey import survey
 
 __all__ = [
     "AttentionLayer",

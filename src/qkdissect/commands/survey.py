@@ -14,7 +14,7 @@ from qkdissect.commands.dissect import trend_rows, trend_table
 
 
 def default_list_table() -> Table:
-    from qkdissect.survey import DEFAULT_MODELS
+    from qkdissect.model_survey import DEFAULT_MODELS
 
     table = Table(title="default survey models")
     table.add_column("label")
@@ -57,8 +57,8 @@ def register(app: typer.Typer) -> None:
         `qkdissect report ATLAS --compare OUT` puts the survey on the report's comparison page. Exit 0 when at
         least one model succeeded.
         """
-        from qkdissect.survey import read_model_list
-        from qkdissect.survey import survey as run_survey
+        from qkdissect.model_survey import read_model_list
+        from qkdissect.model_survey import survey as run_survey
 
         if list_models:
             console.print(default_list_table())

@@ -1,4 +1,4 @@
-"""``qkdissect.survey``: dissect a list of models into one folder and compare them over relative depth.
+"""``qkdissect.survey()`` (module ``qkdissect.model_survey``): dissect a list of models into one folder and compare them over relative depth.
 
 The paper's cross-model comparison in one call: every model is loaded by its spec, dissected, and saved as its own
 atlas; a model that cannot be loaded or dissected is recorded with the reason while the others go on; the models
