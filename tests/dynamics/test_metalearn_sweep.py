@@ -18,6 +18,7 @@ from qkdissect.dynamics import (
     meta_train,
     sample_episode,
 )
+from qkdissect.dynamics.runs.common import outer_loop_concurrency
 from qkdissect.dynamics.runs.configs import MetalearnSweepConfig
 from qkdissect.dynamics.runs.metalearn_sweep import load_metalearn_sweep, sweep_points
 
@@ -70,3 +71,15 @@ def test_metalearn_sweep_quick(tmp_path: Path) -> None:
         assert ol["steps"] == checkpoint_schedule(ol["meta_steps"], c.checkpoints).tolist()
         assert "index" in ol["concurrency"]
     assert data["figures"] == ["metalearn_sweep.png"] and (out / "metalearn_sweep.png").stat().st_size > 10_000
+
+
+def test_outer_loop_half_steps_of_the_learned_modes_only() -> None:
+    steps = np.arange(0.0, 101.0)
+    # modes learned at steps 20 and 60 (logistic rises), a third never learned
+    m = np.stack([1 / (1 + np.exp(-(steps - 20))), 0.8 / (1 + np.exp(-(steps - 60))), 0.01 * np.ones_like(steps)], 1)
+    whole = outer_loop_concurrency(steps, m, np.array([3.0, 2.0, 1.0]))
+    assert whole["index"] is None and whole["not_learned"].tolist() == [1.0]
+    part = outer_loop_concurrency(steps, m, np.array([3.0, 2.0, 1.0]), partial=True)
+    np.testing.assert_allclose(part["half_points"][:2], [20.0, 60.0], atol=0.05)
+    assert np.isnan(part["half_points"][2]) and part["order_matches_strengths"] is True
+    assert part["index"] == pytest.approx(np.std([20.0, 60.0]) / 40.0, rel=1e-3)

@@ -274,20 +274,27 @@ def _sweep_panel(ax, rows: list[dict], key: str, fixed: str, value: int, bayes: 
 
 def plot_metalearn_sweep(path: str | Path, strengths: np.ndarray, rows: Sequence[dict], config: object,
                          references: dict) -> Path:
-    """(a) LSTM error and k½ vs hidden size, (b) vs meta-training steps (rotation prior, Bayes = min-norm
-    line), then one panel per prior with a recorded outer loop: m_α(full context) over meta-training."""
+    """Top: (a) LSTM error and k½ vs hidden size, (b) vs meta-training steps (rotation prior, Bayes = min-norm
+    line). Bottom: one panel per prior with a recorded outer loop, m_α(full context) over meta-training."""
     rows = list(rows)
     outer = [r for r in rows if "outer_loop" in r]
-    fig, axes = plt.subplots(1, 2 + len(outer), figsize=(5.4 * (2 + len(outer)), 4.6), squeeze=False)
+    n_cols = max(2, len(outer))
+    fig, axes = plt.subplots(2, n_cols, figsize=(6.2 * n_cols, 9.0), squeeze=False)
     bayes = references["rotation"]["bayes"]["error"] if "rotation" in references else float("nan")
     _sweep_panel(axes[0, 0], rows, "hidden", "meta_steps", config.steps_for_hidden, bayes, config.n_x,
                  f"LSTM hidden units ({config.steps_for_hidden} meta-steps)")
-    axes[0, 0].set_title("(a) capacity", fontsize=10)
+    axes[0, 0].set_title("(a) capacity (rotation prior)", fontsize=10)
     _sweep_panel(axes[0, 1], rows, "meta_steps", "hidden", config.hidden_for_steps, bayes, config.n_x,
                  f"meta-training steps ({config.hidden_for_steps} units)")
-    axes[0, 1].set_title("(b) meta-training length", fontsize=10)
+    axes[0, 1].set_title("(b) meta-training length (rotation prior)", fontsize=10)
+    for ax in axes[0, 2:]:
+        ax.set_visible(False)
     colors = mode_colors(strengths.size)
-    for ax, r in zip(axes[0, 2:], outer):
+    for j, ax in enumerate(axes[1]):
+        if j >= len(outer):
+            ax.set_visible(False)
+            continue
+        r = outer[j]
         ol = r["outer_loop"]
         st = np.asarray(ol["steps"], dtype=float)
         m = np.asarray(ol["recovery_full_context"])
@@ -298,9 +305,11 @@ def plot_metalearn_sweep(path: str | Path, strengths: np.ndarray, rows: Sequence
                 ax.axvline(hp[a], color=c, lw=0.7, ls=":")
         idx = ol["concurrency"].get("index")
         ax.set_xscale("symlog", linthresh=10.0)
+        ax.set_xlim(0, float(st[-1]))
+        ax.axhline(0.0, color="0.6", lw=0.6)
         ax.set_xlabel("meta-training step (symlog)")
         ax.set_ylabel(f"m_α(k = {ol['k']}) on held-out tasks")
-        ax.set_title(f"({'cdefg'[list(outer).index(r)]}) outer loop, {r['prior']} prior: half-steps (dotted) "
-                     f"index {'n/a' if idx is None else f'{idx:.2f}'}", fontsize=9)
-        ax.legend(fontsize=7, ncol=2)
+        ax.set_title(f"({'cdef'[j]}) outer loop, {r['prior']} prior ({r['hidden']} units): half-steps dotted, "
+                     f"index {'n/a' if idx is None or not np.isfinite(idx) else f'{idx:.2f}'}", fontsize=10)
+        ax.legend(fontsize=7, ncol=2, loc="upper left")
     return save_figure(fig, path)

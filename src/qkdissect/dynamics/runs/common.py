@@ -156,18 +156,27 @@ class RunClock:
 
 
 def outer_loop_concurrency(steps: np.ndarray, recovery: np.ndarray, strengths: np.ndarray,
-                           min_final: float = 0.1) -> dict[str, Any]:
+                           min_final: float = 0.1, *, partial: bool = False) -> dict[str, Any]:
     """How staggered the outer loop is: concurrency of m_α(step) / m_α(final) over training ``steps`` ``(C,)``.
 
     ``recovery`` ``(C, r)``: the task-mean in-context recovery of each mode at each checkpoint. The
-    half-step of a mode is where it first reaches half its final value; index = std/mean over modes. If
-    some mode ends below ``min_final`` it was not learned and has no half-step: index None.
+    half-step of a mode is where it first reaches half its final value; index = std/mean over modes. A mode
+    that ends below ``min_final`` was not learned and has no half-step: then the index is None, or with
+    ``partial`` it is taken over the learned modes (``not_learned`` lists the others, their points NaN).
     """
     final = recovery[-1]
-    if np.all(final > min_final):
+    learned = final > min_final
+    if learned.all():
         return concurrency(steps, recovery / final, strengths).to_dict()
-    return {"index": None, "half_points": None, "order_matches_strengths": None,
-            "note": f"some mode has final recovery <= {min_final:g}: not learned, no half-step"}
+    if not partial or learned.sum() < 2:
+        return {"index": None, "half_points": None, "order_matches_strengths": None,
+                "not_learned": np.asarray(strengths)[~learned],
+                "note": f"some mode has final recovery <= {min_final:g}: not learned, no half-step"}
+    part = concurrency(steps, recovery[:, learned] / final[learned], np.asarray(strengths)[learned]).to_dict()
+    points = np.full(final.shape, np.nan)
+    points[learned] = part["half_points"]
+    return {**part, "half_points": points, "not_learned": np.asarray(strengths)[~learned],
+            "note": f"index over the modes whose final recovery > {min_final:g}; the others were not learned"}
 
 
 def recovery_curve(steps: np.ndarray, per_task: np.ndarray, strengths: np.ndarray) -> dict[str, Any]:

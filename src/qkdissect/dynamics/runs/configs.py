@@ -200,7 +200,9 @@ class MetalearnSweepConfig:
     """Settings of ``qkdissect dynamics metalearn-sweep`` (the command's options have the same names).
 
     The task family and LSTM training of ``metalearn`` (``strengths``, ``n_x``, ``n_y``, ``batch``,
-    ``episode_length``, ``meta_lr``, ``train_tasks``, ``test_tasks``), noise-free. Under the rotation prior
+    ``episode_length``, ``train_tasks``, ``test_tasks``), noise-free, but Adam's learning rate ``meta_lr`` is
+    1e-2 (cosine decay): at ``metalearn``'s 1e-3 an LSTM of 128 units needs 20 000 steps to reach the held-out
+    error that 1e-2 reaches in 4 000. Under the rotation prior
     one LSTM (per seed in ``seeds``) for every hidden size in ``hidden`` at ``steps_for_hidden``
     meta-steps, and for every count in ``meta_steps`` at ``hidden_for_steps`` units; under every prior in
     ``outer_priors`` the run at (``hidden_for_steps``, ``steps_for_hidden``) also records the outer loop:
@@ -219,7 +221,7 @@ class MetalearnSweepConfig:
     seeds: tuple[int, ...] = (0,)
     batch: int = 64
     episode_length: int = 20
-    meta_lr: float = 1e-3
+    meta_lr: float = 1e-2
     train_tasks: int = 50_000
     test_tasks: int = 512
     outer_tasks: int = 128

@@ -149,7 +149,7 @@ def _train_point(c: MetalearnSweepConfig, s: np.ndarray, ref: dict[str, Any], hi
         m = np.stack(recorded)  # (C, r)
         row["outer_loop"] = {"steps": log.steps, "recovery_full_context": m, "k": c.episode_length - 1,
                              "held_out_loss": log.test_loss,
-                             "concurrency": outer_loop_concurrency(log.steps.astype(np.float64), m, s)}
+                             "concurrency": outer_loop_concurrency(log.steps.astype(np.float64), m, s, partial=True)}
     return row
 
 
