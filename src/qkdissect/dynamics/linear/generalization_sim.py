@@ -29,6 +29,7 @@ shrinkage estimator as N grows at fixed aspect ratio, against the large-N theory
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -373,8 +374,6 @@ def finite_size_trend(
     Each seed is simulated on its own (one N × N problem in memory at a time); seed j of size i uses
     ``seed + 1000 i + j``.
     """
-    import time
-
     ns = [checks.count(n, "size", minimum=2) for n in np.atleast_1d(sizes)]
     a_ratio = checks.aspect_ratio(aspect_ratio)
     n_seeds = checks.count(n_seeds, "n_seeds")
