@@ -26,6 +26,8 @@ from torch import Tensor
 
 from qkdissect.adapters.loading import LoadedModel, wrap_model
 from qkdissect.errors import QKDissectError
+from qkdissect.forms.logits import additive_terms
+from qkdissect.positional import exact_layer_logits
 
 __all__ = [
     "LogitVarianceShares",
@@ -38,6 +40,7 @@ __all__ = [
     "logits_from_modes",
     "mode_contributions",
     "project",
+    "qk_norm_factors",
     "split_tokens",
 ]
 
@@ -112,14 +115,30 @@ def project(atlas, layer: int, x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def logits_from_modes(atlas, layer: int, x: Tensor) -> Tensor:
-    """scale·(x̃_pᵀ U diag(S) Vᵀ x̃_p' + key_bias·x̃_p'), (B, heads, N, N) — the model's logits up
-    to per-query constants."""
+    """The model's logits of every head of ``layer`` rebuilt from the atlas, (B, heads, N, N).
+
+    Plain layers: scale·(x̃_pᵀ U diag(S) Vᵀ x̃_p' + key_bias·x̃_p'), the model's logits up to per-query
+    constants. Layers with another attention form add what the atlas records — relative position
+    bias, window shift masks (−100 as the model adds them), causal masks (−inf) — and layers with
+    rotary embeddings or QK-norm are rebuilt exactly in head space from the mode projections:
+    q = G_qᵀ(Uᵀx̃) + b_q, divided by the per-token norm factor ρ and shifted by β, rotated by the
+    token's recorded angles (see ``qkdissect.forms``). For window layers x holds windows
+    (B·n_windows, T_w, d_model), as captured.
+    """
     modes = atlas.layers[layer]
-    q, k = project(atlas, layer, x)
-    S = modes.S.to(q.device)
+    z = atlas_input(atlas, layer, x)
+    form = modes.form
+    if form is not None and form.needs_head_space:
+        return exact_layer_logits(modes, z, atlas.layer_scale(layer))[0]
+    U, V, S = modes.U.to(z.device), modes.V.to(z.device), modes.S.to(z.device)
+    q, k = torch.einsum("bnd,hdr->bhnr", z, U), torch.einsum("bnd,hdr->bhnr", z, V)
     bilinear = torch.einsum("bhpr,hr,bhqr->bhpq", q, S, k)
-    salience = torch.einsum("bqd,hd->bhq", atlas_input(atlas, layer, x), modes.key_bias.to(q.device))
-    return atlas.scale * (bilinear + salience[:, :, None, :])
+    salience = torch.einsum("bqd,hd->bhq", z, modes.key_bias.to(z.device))
+    scale = atlas.layer_scale(layer) if form is None or form.head_scale is None else \
+        form.head_scale.to(z)[None, :, None, None]
+    logits = scale * (bilinear + salience[:, :, None, :])
+    extra = additive_terms(form, z.shape[0], z.shape[1], logits.dtype, logits.device)
+    return logits if extra is None else logits + extra
 
 
 def attention_from_modes(atlas, layer: int, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
@@ -128,6 +147,16 @@ def attention_from_modes(atlas, layer: int, x: Tensor, key_mask: Tensor | None =
     if key_mask is not None:
         logits = logits.masked_fill(~key_mask.bool()[:, None, None, :].to(logits.device), float("-inf"))
     return logits.softmax(dim=-1)
+
+
+def qk_norm_factors(atlas, layer: int, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token QK-norm factors (ρ_q, ρ_k), each (B, heads, N): the std (LayerNorm), rms (RMSNorm)
+    or norm (cosine attention) of each token's raw q and k that the layer divides by."""
+    modes = atlas.layers[layer]
+    if modes.form is None or modes.form.qk_norm is None:
+        raise QKDissectError(f"layer {layer} has no QK-norm: its logits have no per-token factors.")
+    _, rho_q, rho_k = exact_layer_logits(modes, atlas_input(atlas, layer, x), atlas.layer_scale(layer))
+    return rho_q, rho_k
 
 
 def split_tokens(values: Tensor, n_prefix: int, grid: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
