@@ -354,14 +354,14 @@ class ModeAtlas:
             for name in _LAYER_TENSORS:
                 value = getattr(layer, name)
                 if value is not None:
-                    tensors[f"layers.{index}.{name}"] = value.detach().cpu().contiguous()
+                    tensors[f"layers.{index}.{name}"] = value.detach().cpu().contiguous().clone()
             if layer.form is not None:
                 tensors.update(form_to_tensors(layer.form, f"layers.{index}.form")[0])
             if layer.positional is not None:
                 for field in fields(PositionalStats):
                     value = getattr(layer.positional, field.name)
                     if value is not None:
-                        tensors[f"layers.{index}.positional.{field.name}"] = value.detach().cpu().contiguous()
+                        tensors[f"layers.{index}.positional.{field.name}"] = value.detach().cpu().contiguous().clone()
         atomic_write(directory / "atlas.safetensors",
                      lambda p: save_file(tensors, str(p), metadata={"format": "qkdissect-atlas",
                                                                     "format_version": str(FORMAT_VERSION)}))

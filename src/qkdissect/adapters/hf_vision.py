@@ -165,19 +165,21 @@ class _RelativeBiasMixin:
     the patch grid (+1 row/column for CLS)."""
 
     def _bias_of(self, modules: list[nn.Module], window: tuple[int, int], n_tokens: int, info: dict) -> RelativeBias:
-        tables, dense = [], None
-        for module in modules:
-            index = module.generate_relative_position_index(window)
-            with torch.no_grad():
-                own = module(window, interpolate_pos_encoding=False, dim_size=n_tokens)[0].detach().double()
-            table = module.relative_position_bias_table.detach().double()
-            T = index.shape[0]
-            if not torch.allclose(table[index.reshape(-1)].reshape(T, T, -1).permute(2, 0, 1), own, atol=1e-10):
-                raise QKDissectError("the relative position bias module does not equal its table at the model's own "
-                                     "grid; not supported.")
-            tables.append(table)
-            dense = index
-        return RelativeBias(table=sum(tables), index=dense.clone(), info={**info, "window": list(window)})
+        """Table + index when the modules apply their tables as they are; otherwise (HF resamples the
+        table when the grid is not square) the dense bias exactly as the modules produce it."""
+        index = modules[0].generate_relative_position_index(window)
+        T = index.shape[0]
+        with torch.no_grad():
+            applied = sum(m(window, interpolate_pos_encoding=False, dim_size=n_tokens)[0].detach().double()
+                          for m in modules)  # (H, T, T)
+        table = sum(m.relative_position_bias_table.detach().double() for m in modules)
+        info = {**info, "window": list(window)}
+        if all(torch.equal(m.generate_relative_position_index(window), index) for m in modules) and torch.allclose(
+                table[index.reshape(-1)].reshape(T, T, -1).permute(2, 0, 1), applied, atol=1e-12):
+            return RelativeBias(table=table, index=index.clone(), info=info)
+        info["dense"] = "the modules resample their tables at this grid; the bias as applied is recorded per pair"
+        return RelativeBias(table=applied.permute(1, 2, 0).reshape(T * T, -1).contiguous(),
+                            index=torch.arange(T * T).reshape(T, T), info=info)
 
 
 @register_adapter

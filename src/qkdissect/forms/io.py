@@ -20,7 +20,7 @@ def form_to_tensors(form: AttentionForm, prefix: str) -> tuple[dict[str, Tensor]
 
     def put(name: str, value: Tensor | None) -> None:
         if value is not None:
-            tensors[f"{prefix}.{name}"] = value.detach().cpu().contiguous()
+            tensors[f"{prefix}.{name}"] = value.detach().cpu().contiguous().clone()
 
     if form.rotary is not None:
         r = form.rotary
