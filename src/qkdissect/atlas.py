@@ -235,8 +235,9 @@ class ModeAtlas:
 
     @cached_property
     def weighted_cosines(self) -> Tensor:
-        """C_h = Σσcos/Σσ = tr(M)/‖M‖_*, (layers, heads)."""
-        return weighted_cosine(self.singular_values, self.cosines)
+        """C_h = Σσcos/Σσ = tr(M)/‖M‖_*, (layers, heads); NaN for heads a layer does not have."""
+        weighted = weighted_cosine(self.singular_values, self.cosines)
+        return torch.where(torch.isnan(self.singular_values[..., 0]), float("nan"), weighted)
 
     @cached_property
     def symmetric_fractions(self) -> Tensor:

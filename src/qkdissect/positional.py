@@ -178,3 +178,33 @@ def exact_layer_logits(layer: LayerModes, z: Tensor, scale: float) -> tuple[Tens
     logits = head_logits(q, k, form, scale)
     extra = additive_terms(form, z.shape[0], z.shape[1], logits.dtype, logits.device)
     return (logits if extra is None else logits + extra), rho_q, rho_k
+
+
+def offset_document(atlas: ModeAtlas, offsets: list[tuple[float, ...]]) -> tuple[dict, dict[str, Tensor]]:
+    """JSON document and tensors of the modes at each offset, for every rotary layer:
+    ``offsets[i].layers[j]`` = {layer, pairs, heads: [{head, weighted_cosine, singular_values}]},
+    tensors ``offset{i}.layers.{layer}.{U,S,V}``. Layers without rotation have the same modes at
+    every offset (their content modes) and are listed under ``position_free_layers``."""
+    from qkdissect.metrics import mode_cosines, weighted_cosine
+
+    rotary = [i for i, layer in enumerate(atlas.layers) if layer.form is not None and layer.form.rotary is not None]
+    if not rotary:
+        raise QKDissectError("--offset needs a model with rotary position embeddings; this model's logits do not "
+                             "depend on the relative position through the bilinear form (its modes are the same "
+                             "at every offset).")
+    entries, tensors = [], {}
+    for i, offset in enumerate(offsets):
+        layers = []
+        for layer in rotary:
+            at = offset_modes(atlas, layer, offset)
+            weighted = weighted_cosine(at.S, mode_cosines(at.U, at.V))
+            layers.append({"layer": layer, "pairs": at.pairs, "heads": [
+                {"head": h, "weighted_cosine": float(weighted[h]),
+                 "singular_values": [float(f"{float(s):.6g}") for s in at.S[h]]} for h in range(at.S.shape[0])]})
+            for name in ("U", "S", "V"):
+                tensors[f"offset{i}.layers.{layer}.{name}"] = getattr(at, name).contiguous().clone()
+        entries.append({"offset": list(offset), "layers": layers})
+    document = {"format": "qkdissect-offsets", "format_version": 1, "model": atlas.meta.get("model"),
+                "offset_meaning": "key position − query position in grid units (rows, cols) or tokens",
+                "position_free_layers": [i for i in range(atlas.n_layers) if i not in rotary], "offsets": entries}
+    return document, tensors

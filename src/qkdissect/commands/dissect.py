@@ -34,10 +34,33 @@ def layer_table(rows: Sequence[dict[str, Any]], band: tuple[float, float], title
 
 
 def write_figures(atlas: ModeAtlas, out: Path) -> list[Path]:
-    from qkdissect.plots import plot_layer_similarity, plot_mode_cosines
+    from qkdissect.plots import plot_distance_curves, plot_layer_similarity, plot_mode_cosines
 
-    return [plot_layer_similarity(atlas, out / "layer_similarity.png"),
-            plot_mode_cosines(atlas, out / "mode_cosines.png")]
+    figures = [plot_layer_similarity(atlas, out / "layer_similarity.png"),
+               plot_mode_cosines(atlas, out / "mode_cosines.png")]
+    if any(layer.positional is not None and layer.positional.distance_cosine is not None for layer in atlas.layers):
+        figures.append(plot_distance_curves(atlas, out / "distance_similarity.png"))
+    return figures
+
+
+def write_offsets(atlas: ModeAtlas, document: dict, tensors: dict, out: Path) -> list[Path]:
+    """offsets.json / offsets.safetensors (see qkdissect.positional.offset_document) and a table per offset."""
+    from safetensors.torch import save_file
+
+    from qkdissect.files import atomic_write, write_json
+
+    atomic_write(out / "offsets.safetensors", lambda p: save_file(tensors, str(p)))
+    write_json(out / "offsets.json", document)
+    for entry in document["offsets"]:
+        table = Table(title=f"modes at offset {tuple(entry['offset'])} (key − query)")
+        for column in ("layer", "pairs", "mean C(Δ)", "mean C(0)"):
+            table.add_column(column, justify="right")
+        for row in entry["layers"]:
+            values = [h["weighted_cosine"] for h in row["heads"]]
+            content = atlas.weighted_cosines[row["layer"], :len(values)].double().mean()
+            table.add_row(str(row["layer"]), str(row["pairs"]), f"{sum(values) / len(values):+.3f}", f"{float(content):+.3f}")
+        console.print(table)
+    return [out / "offsets.json", out / "offsets.safetensors"]
 
 
 def register(app: typer.Typer) -> None:
@@ -57,6 +80,10 @@ def register(app: typer.Typer) -> None:
         null_samples: int = typer.Option(1000, help="Gaussian heads sampled for the null."),
         null_percentile: float = typer.Option(99.0, help="Central percentile band of the null."),
         seed: int = typer.Option(0, help="Seed of the null sampling."),
+        offset: Optional[list[str]] = typer.Option(
+            None, "--offset", help="Rotary models: also write the modes of M(Δ) = W_qᵀR(Δ)W_k at this offset of the key "
+                                   "from the query, DY,DX in patches (D in tokens for text; negative: key before "
+                                   "the query), to offsets.json / offsets.safetensors. Repeatable."),
     ) -> None:
         """Decompose every head's W_qᵀW_k into singular modes; write atlas.safetensors, atlas.json and figures.
 
@@ -64,14 +91,23 @@ def register(app: typer.Typer) -> None:
         −1: to dissimilar ones) and the share of heads outside the Gaussian null band.
         """
         from qkdissect import dissect as run_dissect, load_model
+        from qkdissect.positional import parse_offset
 
+        offsets = [parse_offset(text) for text in offset or []]
         with err_console.status(f"loading {model}"):
             loaded = load_model(model, checkpoint, random_init=random_init)
         with err_console.status("decomposing"):
             atlas = run_dissect(loaded, fold_ln=fold_ln, dtype=dtype, device=device, null_samples=null_samples,
                                 null_percentile=null_percentile, seed=seed)
+        offset_files = None
+        if offsets:
+            from qkdissect.positional import offset_document
+
+            offset_files = offset_document(atlas, offsets)  # refuses bad offsets before anything is written
         atlas.save(out)
         figures = write_figures(atlas, out)
+        if offset_files is not None:
+            figures += write_offsets(atlas, *offset_files, out)
         console.print(summary_table(atlas, f"{loaded.spec} — {loaded.family}, {atlas.n_layers} layers × "
                                            f"{atlas.n_heads} heads, d_model {atlas.d_model}, d_head {atlas.rank}"))
         degenerate = int(atlas.degenerate.sum())
