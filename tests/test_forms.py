@@ -86,3 +86,42 @@ def test_atlas_round_trip_keeps_every_form(family, tmp_path):
     assert document["format_version"] == 2
     assert [entry["kind"] for entry in document["layer_forms"]] == [EXPECTED_FORMS[kind]] * atlas.n_layers
     assert all(entry["exact"] for entry in document["layer_forms"])
+
+
+def test_mode_contributions_and_residual_sum_to_the_logits(family):
+    """Σ_k C_k + residual = the head's logits at every valid pair; the variance shares sum to 1 and the
+    logit variance is that of the rebuilt logits centred over the valid keys of each query."""
+    from qkdissect.projection import (logit_variance_shares, mode_contributions, project, qk_norm_factors,
+                                      residual_logits, valid_pairs)
+
+    kind, loaded, inputs, key_mask, atlas = family
+    layer = atlas.n_layers - 1
+    x = capture_attention_inputs(loaded, inputs, [layer])[layer][:2]
+    logits = logits_from_modes(atlas, layer, x)
+    allowed = valid_pairs(atlas, layer, x)
+    pairs = torch.ones(x.shape[0], x.shape[1], x.shape[1], dtype=torch.bool) if allowed is None else \
+        allowed.expand(x.shape[0], -1, -1).clone()
+    token_mask = None if key_mask is None else key_mask[:x.shape[0]]
+    if token_mask is not None:
+        pairs &= token_mask[:, :, None] & token_mask[:, None, :]
+    for head in (0, atlas.heads_in(layer) - 1):
+        total = mode_contributions(atlas, layer, x, head).sum(dim=1) + residual_logits(atlas, layer, x, head)
+        assert float((total - logits[:, head])[pairs].abs().max()) < 1e-8 * max(1.0, float(logits[:, head][pairs].abs().max()))
+    shares = logit_variance_shares(atlas, layer, x, token_mask)
+    torch.testing.assert_close(shares.mode_shares.sum(-1) + shares.bias_share, torch.ones_like(shares.bias_share))
+    w = pairs.double()[:, None]
+    rows = w.sum(-1)
+    centred = (logits - (torch.where(pairs[:, None], logits, 0.0)).sum(-1, keepdim=True) / rows.clamp_min(1)[..., None])
+    per_row = (torch.where(pairs[:, None], centred, 0.0) ** 2).sum(-1) / rows.clamp_min(1)
+    expected = torch.stack([per_row[b][:, rows[b, 0] > 0].mean(-1) for b in range(x.shape[0])])
+    torch.testing.assert_close(shares.logit_variance, expected, rtol=1e-8, atol=1e-12)
+    form = atlas.layers[layer].form
+    if form is not None and form.bias is not None:
+        assert shares.relative_bias_share is not None and bool((shares.relative_bias_share.abs() > 0).any())
+    if form is not None and form.qk_norm is not None:  # the maps are divided by the per-token factors
+        q, _ = project(atlas, layer, x)
+        rho_q, _ = qk_norm_factors(atlas, layer, x)
+        from qkdissect.projection import atlas_input
+
+        content = torch.einsum("bnd,hdr->bhnr", atlas_input(atlas, layer, x), atlas.layers[layer].U)
+        torch.testing.assert_close(q, content / rho_q[..., None])

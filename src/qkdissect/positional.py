@@ -26,7 +26,8 @@ from qkdissect.forms.logits import additive_terms, head_logits, normalise
 from qkdissect.forms.rotary import (core_at, distance_average, distance_edges, expected_norm2, modes_of_core,
                                     offset_average, offset_rotation, rotations, second_moments, to_complex)
 
-__all__ = ["OffsetModes", "TableMoments", "bias_statistics", "offset_modes", "parse_offset", "rotary_statistics"]
+__all__ = ["OffsetModes", "TableMoments", "bias_statistics", "offset_modes", "parse_offset", "refuse_windows",
+           "rotary_statistics"]
 
 
 @dataclass(frozen=True)
@@ -168,15 +169,16 @@ def offset_modes(atlas: ModeAtlas, layer: int, offset: tuple[float, ...] | None)
     return OffsetModes(layer, tuple(offset), U.to(dtype), S.to(dtype), V.to(dtype), count)
 
 
-def exact_layer_logits(layer: LayerModes, z: Tensor, scale: float) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def exact_layer_logits(layer: LayerModes, z: Tensor, scale: float, masks: bool = True
+                       ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Exact logits of a head-space layer from inputs z (B, N, d_model) in the atlas' input space:
-    (logits (B, H, N, N) incl. the form's bias and masks, ρ_q, ρ_k (B, H, N) or None)."""
+    (logits (B, H, N, N) incl. the form's bias (and masks unless ``masks=False``), ρ_q, ρ_k (B, H, N) or None)."""
     form = layer.form
     a, c = head_vectors(layer, z)
     q, rho_q = normalise(a, form.qk_norm, "q")
     k, rho_k = normalise(c, form.qk_norm, "k")
     logits = head_logits(q, k, form, scale)
-    extra = additive_terms(form, z.shape[0], z.shape[1], logits.dtype, logits.device)
+    extra = additive_terms(form, z.shape[0], z.shape[1], logits.dtype, logits.device, masks=masks)
     return (logits if extra is None else logits + extra), rho_q, rho_k
 
 
@@ -208,3 +210,13 @@ def offset_document(atlas: ModeAtlas, offsets: list[tuple[float, ...]]) -> tuple
                 "offset_meaning": "key position − query position in grid units (rows, cols) or tokens",
                 "position_free_layers": [i for i in range(atlas.n_layers) if i not in rotary], "offsets": entries}
     return document, tensors
+
+
+def refuse_windows(atlas: ModeAtlas, layer: int) -> None:
+    """QKDissectError when ``layer`` attends inside (shifted) windows: per-input views need one
+    sequence of tokens per image, a window layer's input is (B·n_windows, T_w, d_model)."""
+    form = atlas.layers[layer].form
+    if form is not None and form.windows is not None:
+        raise QKDissectError(f"layer {layer} attends inside (shifted) windows (Swin): per-input maps, rankings, "
+                             "mining and preference of window attention are not supported; `qkdissect dissect` "
+                             "and qkdissect.projection (per window) are.")

@@ -13,6 +13,8 @@ sliding window) or the model's own additive value (Swin's −100 shift mask).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -20,7 +22,8 @@ from qkdissect.errors import QKDissectError
 from qkdissect.forms.rotary import rotations, to_complex
 from qkdissect.forms.spec import AttentionForm, QKNorm
 
-__all__ = ["additive_terms", "head_logits", "norm_factors", "normalise"]
+__all__ = ["additive_terms", "fold_qk_norm", "head_logits", "layer_logits", "norm_factors", "normalise",
+           "valid_pairs"]
 
 
 def norm_factors(a: Tensor, norm: QKNorm, side: str) -> Tensor:
@@ -60,12 +63,14 @@ def head_logits(q: Tensor, k: Tensor, form: AttentionForm, scale: float) -> Tens
 
 
 def additive_terms(form: AttentionForm | None, batch: int, n_tokens: int, dtype: torch.dtype,
-                   device: torch.device | str = "cpu") -> Tensor | None:
+                   device: torch.device | str = "cpu", masks: bool = True) -> Tensor | None:
     """Relative bias + window mask + causal/sliding mask of the form, broadcastable to
     (batch, H, N, N); None when the form adds nothing. For window layers ``batch`` counts
-    windows (B · n_windows) and must hold whole images."""
+    windows (B · n_windows) and must hold whole images. ``masks=False``: the bias alone."""
     if form is None:
         return None
+    if not masks:
+        form = AttentionForm(bias=form.bias)
     total: Tensor | None = None
 
     def add(term: Tensor) -> None:
@@ -115,3 +120,50 @@ def fold_qk_norm(W: Tensor, b: Tensor | None, norm: QKNorm | None, side: str) ->
         W = W * gamma.to(W)[:, None]
         b = None if b is None else b * gamma.to(b)
     return W, b
+
+
+def valid_pairs(form: AttentionForm | None, batch: int, n_tokens: int, device: torch.device | str = "cpu"
+                ) -> Tensor | None:
+    """(batch or 1, N, N) bool: pairs that attend (causal, sliding window, Swin's shift mask — where
+    the model adds a large negative value), None when every pair attends."""
+    if form is None:
+        return None
+    terms = additive_terms(AttentionForm(windows=form.windows, causal=form.causal, sliding_window=form.sliding_window),
+                           batch, n_tokens, torch.float64, device)
+    if terms is None:
+        return None
+    return (terms > -50.0).reshape(-1, n_tokens, n_tokens)
+
+
+def layer_logits(layer: Any, x: Tensor) -> Tensor:
+    """Logits of every head straight from a layer's parameters (``AttentionLayer``; no atlas):
+    q = N_q(W_q x̃ + b_q), k = N_k(W_k x̃ + b_k), rotated, scaled, plus bias and masks. x: (B, N, d_model)
+    -> (B, H, N, N). The QK-norm here is the model's own formula γ⊙(Pz)/ρ + β on the raw projection."""
+    layer = layer.expanded()
+    q = torch.einsum("bnd,hed->bhne", x, layer.W_q.to(x))
+    k = torch.einsum("bnd,hed->bhne", x, layer.W_k.to(x))
+    if layer.b_q is not None:
+        q = q + layer.b_q.to(x)[None, :, None, :]
+    if layer.b_k is not None:
+        k = k + layer.b_k.to(x)[None, :, None, :]
+    form = layer.form or AttentionForm()
+    norm = form.qk_norm
+    if norm is not None:
+        q = _model_norm(q, norm, "q")
+        k = _model_norm(k, norm, "k")
+    logits = head_logits(q, k, form, float(layer.scale))
+    extra = additive_terms(form, x.shape[0], x.shape[1], logits.dtype, logits.device)
+    return logits if extra is None else logits + extra
+
+
+def _model_norm(z: Tensor, norm: QKNorm, side: str) -> Tensor:
+    gamma = norm.q_weight if side == "q" else norm.k_weight
+    beta = norm.q_bias if side == "q" else norm.k_bias
+    if norm.kind == "l2":
+        return z / torch.linalg.vector_norm(z, dim=-1, keepdim=True).clamp_min(norm.eps)
+    if norm.kind == "layer":
+        z = z - z.mean(dim=-1, keepdim=True)
+    out = z / torch.sqrt((z * z).mean(dim=-1, keepdim=True) + norm.eps)
+    if gamma is not None:
+        out = out * gamma.to(out)
+    return out if beta is None else out + beta.to(out)

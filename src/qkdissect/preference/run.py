@@ -15,6 +15,7 @@ from qkdissect.preference.attention import attention_rows, attention_rows_from_m
 from qkdissect.preference.result import (AXES, CATEGORIES, FORMAT, FORMAT_VERSION, QUERIES, VARIANTS,
                                          PreferenceResult, json_number, quiet_nan_means, summarise)
 from qkdissect.progress import ProgressFn, report
+from qkdissect.positional import refuse_windows
 from qkdissect.projection import capture_attention_inputs
 from qkdissect.synthetic.oddoneout import (O3Folder, Problem, load_sample, patch_geometry, problem_kind, query_maps,
                                            read_o3_folder)
@@ -64,6 +65,8 @@ def run_preference(model: Any, data: str | os.PathLike | O3Folder, *, atlas=None
                                                             all_layers[0].d_model):
         raise QKDissectError(f"the atlas ({atlas.n_layers} layers × {atlas.n_heads} heads, d_model {atlas.d_model}) "
                              f"does not belong to {loaded.spec}; dissect this model or drop --atlas.")
+    for layer in layers:  # window attention (Swin) is refused with its reason
+        refuse_windows(atlas, layer)
     folder = data if isinstance(data, O3Folder) else read_o3_folder(data)
     items = folder.items if limit is None else folder.items[: max(0, int(limit))]
     sources = ("measured", "modes") + tuple(f"top{m}" for m in top_modes)

@@ -15,8 +15,9 @@ from torch import Tensor
 from qkdissect.adapters.loading import LoadedModel, wrap_model
 from qkdissect.errors import QKDissectError
 from qkdissect.files import atomic_write, read_json_document
+from qkdissect.positional import refuse_windows
 from qkdissect.projection import (capture_attention_inputs, key_bias_logits, logit_variance_shares,
-                                  mode_contributions, project)
+                                  mode_contributions, project, residual_logits)
 
 
 __all__ = ["FORMAT_VERSION", "MAPS_FORMAT", "RANK_FORMAT", "HeadMaps", "ViewContext", "ViewInput", "check_head", "check_inputs", "forward_input", "head_maps", "iter_inputs", "model_meta", "prepare_view", "read_view_document", "safe_stem", "save_tensors", "scores_from_maps", "token_strings"]
@@ -53,7 +54,8 @@ def prepare_view(model: Any, atlas: Any = None) -> ViewContext:
     if atlas is None:
         atlas = dissect(loaded, dtype="float64", null_samples=64)
     layers = loaded.adapter.attention_layers()
-    if atlas.n_layers != len(layers) or atlas.n_heads != layers[0].n_heads or atlas.d_model != layers[0].d_model:
+    if atlas.n_layers != len(layers) or [atlas.heads_in(i) for i in range(atlas.n_layers)] != [
+            layer.n_heads for layer in layers] or list(atlas.d_models) != [layer.d_model for layer in layers]:
         raise QKDissectError(f"the atlas ({atlas.n_layers} layers × {atlas.n_heads} heads, d_model {atlas.d_model}) "
                              f"does not belong to this model ({len(layers)} × {layers[0].n_heads}, d_model "
                              f"{layers[0].d_model}); dissect this model or leave the atlas out.")
@@ -61,11 +63,13 @@ def prepare_view(model: Any, atlas: Any = None) -> ViewContext:
 
 
 def check_head(atlas, layer: int, head: int | None = None, modes: Sequence[int] = ()) -> None:
-    """QKDissectError unless layer, head and modes exist in ``atlas``."""
+    """QKDissectError unless layer, head and modes exist in ``atlas`` and the layer's per-input views
+    are supported (window attention is not)."""
     if not 0 <= layer < atlas.n_layers:
         raise QKDissectError(f"layer {layer} does not exist: the model has layers 0..{atlas.n_layers - 1}.")
-    if head is not None and not 0 <= head < atlas.n_heads:
-        raise QKDissectError(f"head {head} does not exist: each layer has heads 0..{atlas.n_heads - 1}.")
+    refuse_windows(atlas, layer)
+    if head is not None and not 0 <= head < atlas.heads_in(layer):
+        raise QKDissectError(f"head {head} does not exist: layer {layer} has heads 0..{atlas.heads_in(layer) - 1}.")
     bad = [m for m in modes if not 0 <= m < atlas.rank]
     if bad:
         raise QKDissectError(f"modes {bad} do not exist: each head has modes 0..{atlas.rank - 1}.")
@@ -92,9 +96,12 @@ def scores_from_maps(q: Tensor, k: Tensor, mask: Tensor | None = None) -> tuple[
 class HeadMaps:
     """Query/key maps of ``modes`` of one head for a batch of inputs (all tokens, prefix included).
 
-    q, k: (B, m, N); contributions: (B, m, N, N) = scale·σ_k q_p k_p'; key_bias_logits (B, N);
-    mode_shares (B, r) over *all* modes of the head, bias_share and logit_variance (B,);
-    token_mask (B, N) valid tokens (text padding excluded) or None; grid (rows, cols) for images.
+    q, k: (B, m, N); contributions: (B, m, N, N) = scale·σ_k q_p k_p' (layers with another attention
+    form: their exact contributions, see ``qkdissect.projection.mode_contributions``); key_bias_logits
+    (B, N) for plain-bilinear layers, or residual_logits (B, N, N) — everything no mode carries
+    (offsets of rotated / normalised heads, relative bias) — for the others; mode_shares (B, r) over
+    *all* modes of the head, bias_share, relative_bias_share and logit_variance (B,); token_mask (B, N)
+    valid tokens (text padding excluded) or None; grid (rows, cols) for images.
     """
 
     layer: int
@@ -103,13 +110,15 @@ class HeadMaps:
     q: Tensor
     k: Tensor
     contributions: Tensor
-    key_bias_logits: Tensor
+    key_bias_logits: Tensor | None
     mode_shares: Tensor
     bias_share: Tensor
     logit_variance: Tensor
     n_prefix: int
     grid: tuple[int, int] | None
     token_mask: Tensor | None = None
+    residual_logits: Tensor | None = None
+    relative_bias_share: Tensor | None = None
 
     def score_mask(self) -> Tensor:
         """(B, N) tokens that count for scores: patch tokens (images) or valid tokens (text)."""
@@ -133,14 +142,17 @@ def head_maps(ctx: ViewContext, inputs: Any, layer: int, head: int, modes: Seque
     q, k = project(atlas, layer, x)  # (B, H, N, r)
     selected = list(modes)
     shares = logit_variance_shares(atlas, layer, x, token_mask)
+    plain = atlas.layers[layer].form is None
     return HeadMaps(
         layer=layer, head=head, modes=tuple(selected),
         q=q[:, head][..., selected].transpose(1, 2).cpu(), k=k[:, head][..., selected].transpose(1, 2).cpu(),
         contributions=mode_contributions(atlas, layer, x, head, selected).cpu(),
-        key_bias_logits=key_bias_logits(atlas, layer, x, head).cpu(),
+        key_bias_logits=key_bias_logits(atlas, layer, x, head).cpu() if plain else None,
+        residual_logits=None if plain else residual_logits(atlas, layer, x, head).cpu(),
         mode_shares=shares.mode_shares[:, head].cpu(), bias_share=shares.bias_share[:, head].cpu(),
         logit_variance=shares.logit_variance[:, head].cpu(), n_prefix=ctx.n_prefix, grid=ctx.grid(),
-        token_mask=None if token_mask is None else token_mask.cpu())
+        token_mask=None if token_mask is None else token_mask.cpu(),
+        relative_bias_share=None if shares.relative_bias_share is None else shares.relative_bias_share[:, head].cpu())
 
 
 @dataclass(frozen=True)
@@ -210,6 +222,7 @@ def model_meta(ctx: ViewContext) -> dict[str, Any]:
             "n_prefix_tokens": ctx.n_prefix, "grid": None if ctx.grid() is None else list(ctx.grid()),
             "preprocessing": None if preprocessing is None else preprocessing.to_dict(),
             "scale": ctx.atlas.scale, "n_layers": ctx.atlas.n_layers, "n_heads": ctx.atlas.n_heads,
+            "attention_forms": ctx.atlas.meta.get("attention_forms", ["plain"]),
             "rank": ctx.atlas.rank, "x_tilde": ctx.atlas.meta.get("x_tilde"), "versions": library_versions()}
 
 

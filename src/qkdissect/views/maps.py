@@ -56,6 +56,15 @@ def _mode_entries(ctx: ViewContext, maps: HeadMaps, row: int) -> list[dict[str, 
     return entries
 
 
+def _remainder(maps: HeadMaps, valid: Tensor | None) -> dict[str, Tensor]:
+    """key_bias_logits (N,) of a plain layer, or residual_logits (N, N) of a layer with another form."""
+    if maps.residual_logits is None:
+        values = maps.key_bias_logits[0]
+        return {"key_bias_logits": values if valid is None else values[valid]}
+    values = maps.residual_logits[0]
+    return {"residual_logits": values if valid is None else values[valid][:, valid]}
+
+
 def _write_image_item(ctx: ViewContext, out: Path, item: ViewInput, maps: HeadMaps, signs: str) -> dict[str, Any]:
     from qkdissect.overlays import plot_mode_overlay
     from qkdissect.projection import split_tokens
@@ -67,7 +76,7 @@ def _write_image_item(ctx: ViewContext, out: Path, item: ViewInput, maps: HeadMa
     k_prefix, k_grid = split_tokens(maps.k[0], maps.n_prefix, maps.grid)
     save_tensors(folder / "maps.safetensors", {
         "q": q_grid, "k": k_grid, "q_prefix": q_prefix, "k_prefix": k_prefix,
-        "contributions": maps.contributions[0], "key_bias_logits": maps.key_bias_logits[0],
+        "contributions": maps.contributions[0], **_remainder(maps, None),
         "mode_shares": maps.mode_shares[0], "bias_share": maps.bias_share[0], "logit_variance": maps.logit_variance[0]})
     entries = _mode_entries(ctx, maps, 0)
     crop = np.asarray(item.crop)
@@ -98,8 +107,8 @@ def _write_text_item(ctx: ViewContext, out: Path, item: ViewInput, maps: HeadMap
     q, k = maps.q[0][:, valid], maps.k[0][:, valid]
     contributions = maps.contributions[0][:, valid][:, :, valid]
     save_tensors(folder / "maps.safetensors", {
-        "q": q, "k": k, "contributions": contributions, "input_ids": ids,
-        "key_bias_logits": maps.key_bias_logits[0][valid], "mode_shares": maps.mode_shares[0],
+        "q": q, "k": k, "contributions": contributions, "input_ids": ids, **_remainder(maps, valid),
+        "mode_shares": maps.mode_shares[0],
         "bias_share": maps.bias_share[0], "logit_variance": maps.logit_variance[0]})
     entries = _mode_entries(ctx, maps, 0)
     labels = [f"mode {e['mode']}\nσ={e['sigma']:.3g}\nshare {e['share']:.0%}" for e in entries]

@@ -34,7 +34,7 @@ class RankResult:
 
 
 RANK_COLUMNS = ("source", "layer", "head", "mode", "sigma", "cosine", "share", "explained_variance",
-                "head_logit_variance", "head_bias_share")
+                "head_logit_variance", "head_bias_share", "head_relative_bias_share")
 
 
 def rank_rows(ctx: ViewContext, inputs: Any, layers: Sequence[int], token_mask: Tensor | None = None) -> list[list[dict]]:
@@ -49,7 +49,8 @@ def rank_rows(ctx: ViewContext, inputs: Any, layers: Sequence[int], token_mask: 
             if len(per_input) <= b:
                 per_input.append([])
             variance = shares.logit_variance[b]
-            for head in range(atlas.n_heads):
+            relative = shares.relative_bias_share
+            for head in range(atlas.heads_in(layer)):
                 for mode in range(atlas.rank):
                     share = float(shares.mode_shares[b, head, mode])
                     per_input[b].append({
@@ -57,7 +58,8 @@ def rank_rows(ctx: ViewContext, inputs: Any, layers: Sequence[int], token_mask: 
                         "cosine": float(cosines[head, mode]), "share": share,
                         "explained_variance": share * float(variance[head]),
                         "head_logit_variance": float(variance[head]),
-                        "head_bias_share": float(shares.bias_share[b, head])})
+                        "head_bias_share": float(shares.bias_share[b, head]),
+                        "head_relative_bias_share": float("nan") if relative is None else float(relative[b, head])})
     return per_input
 
 
@@ -114,7 +116,8 @@ def run_rank(ctx: ViewContext, out: str | os.PathLike, *, layers: Sequence[int],
     write_json(out / "rank.json", {"format": RANK_FORMAT, "format_version": FORMAT_VERSION, **model_meta(ctx),
                                    "layers": list(layers), "by": by, "patches_only": patches_only,
                                    "share": "⟨C̄_k, L̄⟩/⟨L̄, L̄⟩ of logits centred over keys (sums to 1 with the "
-                                            "key-bias share)", "items": items, "failed": failed})
+                                            "key-bias share; for rotary, QK-norm, relative-bias and masked layers the "
+                                            "exact logits, contributions and valid pairs)", "items": items, "failed": failed})
     return load_rank(out)
 
 
@@ -126,7 +129,7 @@ def load_rank(directory: str | os.PathLike) -> RankResult:
     with open(directory / "rank.csv", newline="") as handle:
         for row in csv.DictReader(handle):
             rows.append({k: (row[k] if k == "source" else int(row[k]) if k in ("layer", "head", "mode")
-                             else float(row[k])) for k in RANK_COLUMNS})
+                             else float(row.get(k) or "nan")) for k in RANK_COLUMNS})
     meta = {k: v for k, v in document.items() if k not in ("items", "failed")}
     return RankResult(directory, meta, tuple(document["items"]), tuple(rows), tuple(document.get("failed", [])))
 
