@@ -78,7 +78,7 @@ def reference_notebook(model, blocks, dense_U, dense_Vt, pixels, n_prefix, as_wr
         U_total, Vt_total = sign * dense_U, sign * dense_Vt
         for image in pixels:
             hidden = []
-            handles = [block.register_forward_pre_hook(lambda _m, args: hidden.append(args[0])) for block in blocks]
+            handles = [block.register_forward_pre_hook(lambda _m, args, out=hidden: out.append(args[0])) for block in blocks]
             with torch.no_grad():
                 model.forward_features(image[None])
             for handle in handles:
@@ -179,10 +179,11 @@ def main() -> None:
             offset += len(batch)
             for name in names:
                 if name == "bare forward":
-                    wall, cpu = clock(lambda: base.bare_forward(batch))
+                    wall, cpu = clock(lambda batch=batch: base.bare_forward(batch))
                 else:
                     engine = engines[name]
-                    wall, cpu = clock(lambda: states.__setitem__(name, engine.step(batch, index, *states[name])))
+                    wall, cpu = clock(lambda name=name, engine=engine, batch=batch, index=index, states=states:
+                                      states.__setitem__(name, engine.step(batch, index, *states[name])))
                 totals[name][rep][0] += wall
                 totals[name][rep][1] += cpu
     median = {name: (statistics.median(t[0] for t in totals[name]), statistics.median(t[1] for t in totals[name]))
@@ -213,8 +214,8 @@ def main() -> None:
           "layers and heads, dense d×d projections)")
     for label, as_written in (("as written (2 sign passes, 8 projections/head)", True),
                               ("minimal (1 pass, 2 projections/head)", False)):
-        wall, cpu = clock(lambda: reference_notebook(model, model.blocks, dense_U, dense_Vt, subset, n_prefix,
-                                                     as_written))
+        wall, cpu = clock(lambda as_written=as_written: reference_notebook(model, model.blocks, dense_U, dense_Vt,
+                                                                           subset, n_prefix, as_written))
         rate_wall, rate_cpu = len(subset) / wall, len(subset) / cpu
         print(f"    {label}:\n      wall: reference {rate_wall:6.2f} img/s, qkdissect {ours_wall:6.1f} img/s, "
               f"speed-up {ours_wall / rate_wall:5.1f}×   |   per CPU second: reference {rate_cpu:6.2f}, "

@@ -49,7 +49,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from qkdissect.synthetic.world import (  # noqa: E402
-    MEAN, STD, TASKS, WorldConfig, evaluate, generate, patch_fractions, split_logits, to_tensor,
+    MEAN,
+    STD,
+    TASKS,
+    WorldConfig,
+    evaluate,
+    generate,
+    patch_fractions,
+    split_logits,
+    to_tensor,
 )
 
 MONITOR_SEED = 3  # a third world set, only for progress printouts (never the held-out set)

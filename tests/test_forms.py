@@ -59,7 +59,7 @@ def test_logits_match_the_models_own_up_to_row_constants(family):
         log_p = torch.where(valid, p.clamp_min(1e-300).log(), 0.0)
         rebuilt = torch.where(valid, logits, 0.0)
         count = valid.sum(-1, keepdim=True).clamp_min(1)
-        centred = lambda t: torch.where(valid, t - t.sum(-1, keepdim=True) / count, 0.0)  # noqa: E731
+        centred = lambda t, valid=valid, count=count: torch.where(valid, t - t.sum(-1, keepdim=True) / count, 0.0)  # noqa: E731
         assert float((centred(rebuilt) - centred(log_p)).abs().max()) < 1e-5 * max(1.0, float(logits[valid].abs().max()))
 
 
@@ -91,8 +91,14 @@ def test_atlas_round_trip_keeps_every_form(family, tmp_path):
 def test_mode_contributions_and_residual_sum_to_the_logits(family):
     """Σ_k C_k + residual = the head's logits at every valid pair; the variance shares sum to 1 and the
     logit variance is that of the rebuilt logits centred over the valid keys of each query."""
-    from qkdissect.projection import (logit_variance_shares, mode_contributions, project, qk_norm_factors,
-                                      residual_logits, valid_pairs)
+    from qkdissect.projection import (
+        logit_variance_shares,
+        mode_contributions,
+        project,
+        qk_norm_factors,
+        residual_logits,
+        valid_pairs,
+    )
 
     kind, loaded, inputs, key_mask, atlas = family
     layer = atlas.n_layers - 1

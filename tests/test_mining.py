@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from helpers import make_hf, make_timm_vit
 
 from qkdissect import dissect
@@ -18,8 +17,8 @@ from qkdissect.adapters import wrap_model
 from qkdissect.errors import QKDissectError
 from qkdissect.images import list_images, open_image
 from qkdissect.mining import load_mined, mine, render_contact_sheet
-from qkdissect.mining.run import CRASH_HOOK
 from qkdissect.mining.engine import MiningEngine
+from qkdissect.mining.run import CRASH_HOOK
 from qkdissect.mining.state import TopK, empty_state, merge_topk
 from qkdissect.projection import capture_attention_inputs, project
 from qkdissect.views import scores_from_maps

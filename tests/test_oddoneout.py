@@ -11,8 +11,15 @@ from PIL import Image
 from qkdissect.adapters.base import Preprocessing
 from qkdissect.errors import QKDissectError
 from qkdissect.synthetic.oddoneout import (
-    OddOneOutSample, PatchGeometry, generate_oddoneout, load_sample, patch_fractions, patch_geometry, problem_kind,
-    query_maps, read_o3_folder,
+    OddOneOutSample,
+    PatchGeometry,
+    generate_oddoneout,
+    load_sample,
+    patch_fractions,
+    patch_geometry,
+    problem_kind,
+    query_maps,
+    read_o3_folder,
 )
 from qkdissect.synthetic.scenes import COLOURS
 

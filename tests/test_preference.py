@@ -14,12 +14,20 @@ from helpers import IMAGE_HW, image_batch, make_hf, make_timm_vit
 from qkdissect import dissect
 from qkdissect.adapters import wrap_model
 from qkdissect.errors import QKDissectError
-from qkdissect.synthetic.oddoneout import generate_oddoneout
 from qkdissect.preference import (
-    CATEGORIES, QUERIES, VARIANTS, attention_rows, attention_rows_from_modes, attention_shares, bootstrap_mean,
-    load_preference, run_preference, save_preference,
+    CATEGORIES,
+    QUERIES,
+    VARIANTS,
+    attention_rows,
+    attention_rows_from_modes,
+    attention_shares,
+    bootstrap_mean,
+    load_preference,
+    run_preference,
+    save_preference,
 )
 from qkdissect.projection import attention_from_modes, capture_attention_inputs
+from qkdissect.synthetic.oddoneout import generate_oddoneout
 
 
 # ----- a hand-built model whose heads have W_qᵀW_k = c·I ----------------------------------------------------

@@ -7,14 +7,18 @@ import copy
 
 import pytest
 import torch
-
 from helpers import IMAGE_HW, N_HEADS, PATCH, image_batch, text_batch
 
 from qkdissect import dissect
 from qkdissect.adapters import wrap_model
 from qkdissect.errors import QKDissectError
-from qkdissect.projection import (capture_attention_inputs, key_bias_logits, logit_variance_shares,
-                                  mode_contributions, split_tokens)
+from qkdissect.projection import (
+    capture_attention_inputs,
+    key_bias_logits,
+    logit_variance_shares,
+    mode_contributions,
+    split_tokens,
+)
 from qkdissect.views import scores_from_maps
 
 LAYER = 1

@@ -106,7 +106,7 @@ def test_files_manifest_and_local_references(report):
     assert not list(out.parent.glob(".report.*")), "temporary build folders left behind"
     for page in [report.index, *heads]:
         elements = parse(page)
-        for tag, attrs in elements.tags:
+        for _tag, attrs in elements.tags:
             for name in ("src", "href"):
                 ref = attrs.get(name)
                 if ref is None or ref.startswith("#"):
@@ -276,10 +276,11 @@ def test_rebuilding_replaces_a_previous_report(atlas_dir, tmp_path):
     small = ModeAtlas.load(atlas_dir)
     out = tmp_path / "report"
     build_report(small, out)
-    (out / "heads" / "stale.html").write_text("old")
+    (out / "heads" / "stale.html").write_text("old")  # not written by qkdissect: it stays (qkdissect.outputs)
     fewer = ModeAtlas(meta=small.meta, layers=small.layers[:2], null=small.null)
     result = build_report(fewer, out)
-    assert result.n_head_pages == 2 * N_HEADS and len(list((out / "heads").glob("*.html"))) == 2 * N_HEADS
+    assert result.n_head_pages == 2 * N_HEADS and len(list((out / "heads").glob("layer*.html"))) == 2 * N_HEADS
+    assert (out / "heads" / "stale.html").read_text() == "old"
     assert load_report(out)["n_layers"] == 2 and not list(tmp_path.glob(".report.*"))
 
 
@@ -324,8 +325,8 @@ def preference_dir(vit, tmp_path_factory):
     """Odd-one-out images at the tiny models' size, measured on the same model as ``atlas_dir``."""
     from helpers import IMAGE_HW
 
-    from qkdissect.synthetic.oddoneout import generate_oddoneout
     from qkdissect.preference import run_preference, save_preference
+    from qkdissect.synthetic.oddoneout import generate_oddoneout
 
     data, out = tmp_path_factory.mktemp("odd"), tmp_path_factory.mktemp("pref")
     generate_oddoneout(data, 10, IMAGE_HW, seed=2, objects=3, radius=6.0)
@@ -462,7 +463,7 @@ def test_top_image_tiles_show_the_right_maps_for_each_sign(views_report, mined_d
                 q, k = query_key_maps(vit, image_folder / first["title"], layer, U, V)
                 tile = np.asarray(Image.open(page.parent / first["src"]).convert("RGB"), dtype=np.float64)
 
-                def intensity(m):
+                def intensity(m, factor=factor, tile=tile):
                     m = upsample((factor * m).numpy(), tile.shape[:2])
                     low = max(float(np.median(m)), 0.0)
                     return np.clip((m - low) / (m.max() - low), 0, 1)

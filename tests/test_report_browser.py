@@ -225,7 +225,7 @@ def vit_h_shaped_atlas(seed: int = 0) -> ModeAtlas:
     L, H, d_head, d_model = 32, 16, 80, 1280
     generator = torch.Generator().manual_seed(seed)
     layers = []
-    for index, mix in enumerate(torch.linspace(0.8, -0.3, L).tolist()):
+    for mix in torch.linspace(0.8, -0.3, L).tolist():
         W_q = torch.randn(H, d_head, d_model, generator=generator)
         W_k = (mix + 0.2 * torch.randn(H, 1, 1, generator=generator)) * W_q + torch.randn(H, d_head, d_model,
                                                                                           generator=generator)

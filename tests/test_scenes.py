@@ -2,7 +2,15 @@ import numpy as np
 import pytest
 
 from qkdissect.errors import QKDissectError
-from qkdissect.synthetic.scenes import COLOURS, FEATURES, SHAPES, SceneObject, odd_one_out_scene, render_scene, shape_mask
+from qkdissect.synthetic.scenes import (
+    COLOURS,
+    FEATURES,
+    SHAPES,
+    SceneObject,
+    odd_one_out_scene,
+    render_scene,
+    shape_mask,
+)
 
 
 def test_masks_and_pixels_agree_exactly():

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
-
 from helpers import N_HEADS, make_hf, make_timm_vit, text_batch
+from typer.testing import CliRunner
 
 from qkdissect import dissect, load_model
 from qkdissect.adapters import wrap_model

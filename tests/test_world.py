@@ -10,8 +10,20 @@ from qkdissect.errors import QKDissectError
 from qkdissect.images import list_images, open_image
 from qkdissect.synthetic.scenes import COLOURS
 from qkdissect.synthetic.world import (
-    MEAN, STD, TASKS, WorldConfig, chance_levels, evaluate, generate, patch_fractions, position_bin, read_world_folder,
-    split_logits, to_tensor, world_sample, write_world_images,
+    MEAN,
+    STD,
+    TASKS,
+    WorldConfig,
+    chance_levels,
+    evaluate,
+    generate,
+    patch_fractions,
+    position_bin,
+    read_world_folder,
+    split_logits,
+    to_tensor,
+    world_sample,
+    write_world_images,
 )
 
 ATTRIBUTES = ("shape", "colour", "radius", "angle")

@@ -8,15 +8,14 @@
     >>> qkdissect.compare([atlas, "other_atlas/"]).save("cmp/")          # several models over relative depth
 """
 
+from qkdissect import builtin as _builtin  # noqa: F401  (registers builtin:oddvit and builtin:minilm)
 from qkdissect._version import __version__
 from qkdissect.adapters import AttentionLayer, LoadedModel, ModelAdapter, Preprocessing, get_adapter, load_model
 from qkdissect.comparison import Comparison, compare, load_compare
 from qkdissect.decomposition import HeadModes, ModeAtlas, dissect
-from qkdissect.factored import factored_svd
 from qkdissect.errors import QKDissectError
-from qkdissect import builtin as _builtin  # noqa: F401  (registers builtin:oddvit and builtin:minilm)
+from qkdissect.factored import factored_svd
 from qkdissect.metrics import NullReference, gaussian_null
-
 
 __all__ = [
     "AttentionLayer",

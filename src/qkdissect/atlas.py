@@ -22,20 +22,21 @@ import os
 from dataclasses import dataclass, fields
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from qkdissect.errors import QKDissectError
-from qkdissect.files import atomic_write, read_json_document, write_json
+from qkdissect.files import atomic_write, read_json_document
 from qkdissect.forms import AttentionForm
 from qkdissect.forms.io import form_from_tensors, form_to_tensors
 from qkdissect.metrics import NullReference, mode_cosines, symmetric_fraction, weighted_cosine
 
-__all__ = ["FORMAT_VERSION", "HeadModes", "LayerModes", "ModeAtlas", "PositionalStats", "near_degenerate"]
+__all__ = ["ATLAS_FORMAT", "FORMAT_VERSION", "HeadModes", "LayerModes", "ModeAtlas", "PositionalStats", "near_degenerate"]
 
 FORMAT_VERSION = 2
+ATLAS_FORMAT = "qkdissect-atlas"
 _LAYER_TENSORS = ("U", "S", "V", "key_bias", "ln_weight", "ln_bias", "G_q", "G_k", "head_b_q", "head_b_k")
 
 
@@ -316,7 +317,7 @@ class ModeAtlas:
                 heads.append(entry)
         document = {
             **self.meta,
-            "format": "qkdissect-atlas",
+            "format": ATLAS_FORMAT,
             "format_version": FORMAT_VERSION,
             "null": self.null.to_dict(),
             "degeneracy_tolerance": self.gap_tol,
@@ -344,12 +345,24 @@ class ModeAtlas:
             out["bias_share_reference"] = "Var B / (Var B + scale²‖M‖_F²) for isotropic inputs x̃ ~ N(0, I)"
         return out
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``atlas.safetensors`` and ``atlas.json`` into ``directory`` (created)."""
+    def save(self, directory: str | os.PathLike, *, extra: Callable[[Path], Any] | None = None) -> Path:
+        """Write ``atlas.safetensors`` and ``atlas.json`` into ``directory`` (created; a previous atlas there is
+        replaced, any other non-empty folder refused: see :mod:`qkdissect.outputs`). ``extra(folder)`` may write
+        more files (figures) into the same output before the index is written."""
+        from qkdissect.outputs import OutputFolder
+
+        with OutputFolder(directory, ATLAS_FORMAT, "atlas.json").claim(replace=True) as folder:
+            self.write_tensors(folder.staging / "atlas.safetensors")
+            if extra is not None:
+                extra(folder.staging)
+            folder.finish(self.to_json())
+        return Path(directory)
+
+    def write_tensors(self, path: str | os.PathLike) -> Path:
+        """Write the tensors of the atlas (``layers.{i}.{U,S,V,key_bias,ln_weight,ln_bias,G_q,...}``, forms,
+        positional statistics) to ``path``."""
         from safetensors.torch import save_file
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, Tensor] = {}
         for index, layer in enumerate(self.layers):
             for name in _LAYER_TENSORS:
@@ -363,11 +376,8 @@ class ModeAtlas:
                     value = getattr(layer.positional, field.name)
                     if value is not None:
                         tensors[f"layers.{index}.positional.{field.name}"] = value.detach().cpu().contiguous().clone()
-        atomic_write(directory / "atlas.safetensors",
-                     lambda p: save_file(tensors, str(p), metadata={"format": "qkdissect-atlas",
-                                                                    "format_version": str(FORMAT_VERSION)}))
-        write_json(directory / "atlas.json", self.to_json())
-        return directory
+        return atomic_write(path, lambda p: save_file(tensors, str(p), metadata={
+            "format": ATLAS_FORMAT, "format_version": str(FORMAT_VERSION)}))
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "ModeAtlas":
@@ -402,7 +412,7 @@ class ModeAtlas:
                                      else None))
         meta = {k: v for k, v in document.items()
                 if k not in ("heads", "layers", "null", "format", "format_version", "degeneracy_tolerance",
-                             "layer_forms", "layer_nulls")}
+                             "layer_forms", "layer_nulls", "files")}
         layer_nulls = document.get("layer_nulls")
         return cls(meta=meta, layers=tuple(layers), null=NullReference.from_dict(document["null"]),
                    gap_tol=float(document.get("degeneracy_tolerance", 1e-3)),

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from qkdissect.decomposition import ModeAtlas
 from qkdissect.errors import QKDissectError
-from qkdissect.files import library_versions, read_json_document, write_json
+from qkdissect.files import library_versions, read_json_document
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "ComparedModel", "Comparison", "compare", "load_compare"]
 
@@ -90,15 +90,21 @@ class Comparison:
                 "models": [model.to_json() for model in self.models]}
 
     def save(self, out: str | os.PathLike, figure: bool = True) -> list[Path]:
-        """Write ``compare.json`` (and ``compare.png``) into ``out``; returns the files written."""
-        out = Path(out)
-        written = []
-        if figure:
-            from qkdissect.plots import plot_compare
+        """Write ``compare.json`` (and ``compare.png``) into ``out`` (a previous comparison there is replaced, any
+        other non-empty folder refused: :mod:`qkdissect.outputs`); returns the files written."""
+        from qkdissect.outputs import write_output
 
-            written.append(plot_compare(self.models, [m.label for m in self.models], out / "compare.png"))
-        written.append(write_json(out / "compare.json", self.to_json()))
-        return written
+        out = Path(out)
+
+        def write(folder: Path) -> dict[str, Any]:
+            if figure:
+                from qkdissect.plots import plot_compare
+
+                plot_compare(self.models, [m.label for m in self.models], folder / "compare.png")
+            return self.to_json()
+
+        write_output(out, FORMAT, "compare.json", write)
+        return [out / "compare.png", out / "compare.json"] if figure else [out / "compare.json"]
 
 
 def compare(atlases: Sequence[ModeAtlas | str | os.PathLike], labels: Sequence[str] | None = None) -> Comparison:
@@ -146,5 +152,5 @@ def load_compare(folder: str | os.PathLike) -> Comparison:
                              f"{error}); {remedy}.") from None
     if not models:
         raise QKDissectError(f"{path} lists no models; {remedy}.")
-    meta = {k: v for k, v in document.items() if k not in ("format", "format_version", "models")}
+    meta = {k: v for k, v in document.items() if k not in ("format", "format_version", "models", "files")}
     return Comparison(models=models, meta=meta)

@@ -29,7 +29,15 @@ from torch import Tensor
 
 from qkdissect.adapters.base import AttentionLayer
 from qkdissect.adapters.loading import LoadedModel, wrap_model
-from qkdissect.atlas import FORMAT_VERSION, HeadModes, LayerModes, ModeAtlas, PositionalStats, near_degenerate
+from qkdissect.atlas import (
+    ATLAS_FORMAT,
+    FORMAT_VERSION,
+    HeadModes,
+    LayerModes,
+    ModeAtlas,
+    PositionalStats,
+    near_degenerate,
+)
 from qkdissect.errors import QKDissectError
 from qkdissect.factored import factored_svd
 from qkdissect.files import library_versions
@@ -38,7 +46,7 @@ from qkdissect.forms.rotary import expected_norm2, to_complex
 from qkdissect.metrics import gaussian_null
 from qkdissect.positional import TableMoments, bias_statistics, rotary_statistics
 
-__all__ = ["FORMAT_VERSION", "HeadModes", "LayerModes", "ModeAtlas", "dissect", "factored_svd", "fold_layer_norm",
+__all__ = ["ATLAS_FORMAT", "FORMAT_VERSION", "HeadModes", "LayerModes", "ModeAtlas", "dissect", "factored_svd", "fold_layer_norm",
            "near_degenerate"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}

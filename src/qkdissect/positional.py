@@ -23,8 +23,18 @@ from qkdissect.atlas import LayerModes, ModeAtlas, PositionalStats
 from qkdissect.errors import QKDissectError
 from qkdissect.forms import AttentionForm, RotaryTable
 from qkdissect.forms.logits import additive_terms, head_logits, normalise
-from qkdissect.forms.rotary import (core_at, distance_average, distance_edges, expected_norm2, modes_of_core,
-                                    offset_average, offset_rotation, rotations, second_moments, to_complex)
+from qkdissect.forms.rotary import (
+    core_at,
+    distance_average,
+    distance_edges,
+    expected_norm2,
+    modes_of_core,
+    offset_average,
+    offset_rotation,
+    rotations,
+    second_moments,
+    to_complex,
+)
 
 __all__ = ["OffsetModes", "TableMoments", "bias_statistics", "offset_modes", "parse_offset", "refuse_windows",
            "rotary_statistics"]

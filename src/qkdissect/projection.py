@@ -374,7 +374,7 @@ def _exact_shares(atlas, layer: int, z: Tensor, token_mask: Tensor) -> LogitVari
         rows = w.sum(-1, keepdim=True)
         live = rows[:, 0] > 0
 
-        def centre(t: Tensor) -> Tensor:
+        def centre(t: Tensor, w: Tensor = w, rows: Tensor = rows) -> Tensor:
             return (t - (t * w).sum(-1, keepdim=True) / rows.clamp_min(1)) * w
 
         for h in range(H):

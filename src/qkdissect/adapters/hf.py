@@ -20,7 +20,6 @@ from torch import Tensor, nn
 from qkdissect.adapters.base import AttentionLayer, ModelAdapter, Preprocessing, first_instance, loaded_class
 from qkdissect.adapters.registry import register_adapter
 from qkdissect.errors import QKDissectError
-from qkdissect.forms import AttentionForm
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
@@ -212,7 +211,7 @@ class _HFAdapter(ModelAdapter):
 
     @contextlib.contextmanager
     def eager_attention(self) -> Iterator[list[list[Tensor]]]:
-        configs = [self.config] + [getattr(m, "config") for m in self.backbone.modules() if hasattr(m, "config")]
+        configs = [self.config] + [m.config for m in self.backbone.modules() if hasattr(m, "config")]
         saved = [getattr(c, "_attn_implementation", None) for c in configs]
         self._store = []
         try:

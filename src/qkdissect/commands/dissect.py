@@ -43,14 +43,19 @@ def write_figures(atlas: ModeAtlas, out: Path) -> list[Path]:
     return figures
 
 
-def write_offsets(atlas: ModeAtlas, document: dict, tensors: dict, out: Path) -> list[Path]:
-    """offsets.json / offsets.safetensors (see qkdissect.positional.offset_document) and a table per offset."""
+def write_offsets(document: dict, tensors: dict, out: Path) -> list[Path]:
+    """offsets.json / offsets.safetensors (see qkdissect.positional.offset_document)."""
     from safetensors.torch import save_file
 
     from qkdissect.files import atomic_write, write_json
 
     atomic_write(out / "offsets.safetensors", lambda p: save_file(tensors, str(p)))
     write_json(out / "offsets.json", document)
+    return [out / "offsets.json", out / "offsets.safetensors"]
+
+
+def print_offsets(atlas: ModeAtlas, document: dict) -> None:
+    """One table per offset: per rotary layer the head-mean weighted cosine at the offset and at Δ = 0."""
     for entry in document["offsets"]:
         table = Table(title=f"modes at offset {tuple(entry['offset'])} (key − query)")
         for column in ("layer", "pairs", "mean C(Δ)", "mean C(0)"):
@@ -60,7 +65,6 @@ def write_offsets(atlas: ModeAtlas, document: dict, tensors: dict, out: Path) ->
             content = atlas.weighted_cosines[row["layer"], :len(values)].double().mean()
             table.add_row(str(row["layer"]), str(row["pairs"]), f"{sum(values) / len(values):+.3f}", f"{float(content):+.3f}")
         console.print(table)
-    return [out / "offsets.json", out / "offsets.safetensors"]
 
 
 def register(app: typer.Typer) -> None:
@@ -90,9 +94,13 @@ def register(app: typer.Typer) -> None:
         Prints per layer the mean/min/max weighted cosine Σσcos/Σσ (+1: heads attend to similar tokens,
         −1: to dissimilar ones) and the share of heads outside the Gaussian null band.
         """
-        from qkdissect import dissect as run_dissect, load_model
+        from qkdissect import dissect as run_dissect
+        from qkdissect import load_model
+        from qkdissect.decomposition import ATLAS_FORMAT
+        from qkdissect.outputs import check_out
         from qkdissect.positional import parse_offset
 
+        check_out(out, ATLAS_FORMAT, "atlas.json")
         offsets = [parse_offset(text) for text in offset or []]
         with err_console.status(f"loading {model}"):
             loaded = load_model(model, checkpoint, random_init=random_init)
@@ -104,10 +112,17 @@ def register(app: typer.Typer) -> None:
             from qkdissect.positional import offset_document
 
             offset_files = offset_document(atlas, offsets)  # refuses bad offsets before anything is written
-        atlas.save(out)
-        figures = write_figures(atlas, out)
+        written: list[Path] = []
+
+        def extra(folder: Path) -> None:
+            written.extend(out / p.name for p in write_figures(atlas, folder))
+            if offset_files is not None:
+                written.extend(out / p.name for p in write_offsets(*offset_files, folder))
+
+        atlas.save(out, extra=extra)
+        figures = written
         if offset_files is not None:
-            figures += write_offsets(atlas, *offset_files, out)
+            print_offsets(atlas, offset_files[0])
         console.print(summary_table(atlas, f"{loaded.spec} — {loaded.family}, {atlas.n_layers} layers × "
                                            f"{atlas.n_heads} heads, d_model {atlas.d_model}, d_head {atlas.rank}"))
         degenerate = int(atlas.degenerate.sum())
@@ -126,8 +141,11 @@ def register(app: typer.Typer) -> None:
         labels: Optional[str] = typer.Option(None, help="Comma-separated labels (default: the model specs)."),
     ) -> None:
         """Layer-wise similarity curves of several models side by side (relative depth on the x axis)."""
+        from qkdissect.comparison import FORMAT
         from qkdissect.comparison import compare as run_compare
+        from qkdissect.outputs import check_out
 
+        check_out(out, FORMAT, "compare.json")
         comparison = run_compare(atlases, labels.split(",") if labels else None)
         figure, index = comparison.save(out)
         for model in comparison.models:

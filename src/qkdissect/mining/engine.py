@@ -29,8 +29,8 @@ from torch import Tensor
 
 from qkdissect.adapters.loading import LoadedModel
 from qkdissect.errors import QKDissectError
-from qkdissect.mining.state import RunningStats, TopK, merge_stats, merge_topk
 from qkdissect.forms.logits import norm_factors
+from qkdissect.mining.state import RunningStats, TopK, merge_stats, merge_topk
 from qkdissect.positional import head_vectors
 from qkdissect.projection import StopForward
 

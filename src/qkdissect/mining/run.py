@@ -15,11 +15,29 @@ from qkdissect.adapters.loading import LoadedModel, wrap_model
 from qkdissect.errors import QKDissectError
 from qkdissect.files import atomic_write, write_json
 from qkdissect.mining.engine import MiningEngine
-from qkdissect.mining.result import (FORMAT, FORMAT_VERSION, SCORE, SIGN_FILES, MinedResult, images_fingerprint,
-                                    load_mined, tensors_digest, weights_fingerprint)
+from qkdissect.mining.result import (
+    FORMAT,
+    FORMAT_VERSION,
+    SCORE,
+    SIGN_FILES,
+    MinedResult,
+    images_fingerprint,
+    load_mined,
+    tensors_digest,
+    weights_fingerprint,
+)
 from qkdissect.mining.sheets import render_contact_sheet
-from qkdissect.mining.state import (RunningStats, TopK, empty_state, load_checkpoint, merge_stats, merge_topk,
-                                   save_checkpoint, state_from_tensors, state_tensors)
+from qkdissect.mining.state import (
+    RunningStats,
+    TopK,
+    empty_state,
+    load_checkpoint,
+    merge_stats,
+    merge_topk,
+    save_checkpoint,
+    state_from_tensors,
+    state_tensors,
+)
 
 __all__ = ["CRASH_HOOK", "mine"]
 
@@ -286,7 +304,7 @@ def _write_outputs(out: Path, meta: dict[str, Any], root: Path, paths: Sequence[
         result = load_mined(out)
         cache: dict[int, Any] = {}
         total = len(result.layers) * result.meta["n_heads"] * len(result.map_modes) * 2
-        for slot, layer in enumerate(result.layers):
+        for layer in result.layers:
             for head in range(result.meta["n_heads"]):
                 for mode in result.map_modes:
                     for sign in (0, 1):

@@ -11,14 +11,31 @@ import numpy as np
 import torch
 
 from qkdissect.errors import QKDissectError
-from qkdissect.preference.attention import attention_rows, attention_rows_from_modes, attention_shares
-from qkdissect.preference.result import (AXES, CATEGORIES, FORMAT, FORMAT_VERSION, QUERIES, VARIANTS,
-                                         PreferenceResult, json_number, quiet_nan_means, summarise)
-from qkdissect.progress import ProgressFn, report
 from qkdissect.positional import refuse_windows
+from qkdissect.preference.attention import attention_rows, attention_rows_from_modes, attention_shares
+from qkdissect.preference.result import (
+    AXES,
+    CATEGORIES,
+    FORMAT,
+    FORMAT_VERSION,
+    QUERIES,
+    VARIANTS,
+    PreferenceResult,
+    json_number,
+    quiet_nan_means,
+    summarise,
+)
+from qkdissect.progress import ProgressFn, report
 from qkdissect.projection import capture_attention_inputs
-from qkdissect.synthetic.oddoneout import (O3Folder, Problem, load_sample, patch_geometry, problem_kind, query_maps,
-                                           read_o3_folder)
+from qkdissect.synthetic.oddoneout import (
+    O3Folder,
+    Problem,
+    load_sample,
+    patch_geometry,
+    problem_kind,
+    query_maps,
+    read_o3_folder,
+)
 
 __all__ = ["run_preference"]
 

@@ -16,9 +16,14 @@ from qkdissect.adapters.loading import LoadedModel, wrap_model
 from qkdissect.errors import QKDissectError
 from qkdissect.files import atomic_write, read_json_document
 from qkdissect.positional import refuse_windows
-from qkdissect.projection import (capture_attention_inputs, key_bias_logits, logit_variance_shares,
-                                  mode_contributions, project, residual_logits)
-
+from qkdissect.projection import (
+    capture_attention_inputs,
+    key_bias_logits,
+    logit_variance_shares,
+    mode_contributions,
+    project,
+    residual_logits,
+)
 
 __all__ = ["FORMAT_VERSION", "MAPS_FORMAT", "RANK_FORMAT", "HeadMaps", "ViewContext", "ViewInput", "check_head", "check_inputs", "forward_input", "head_maps", "iter_inputs", "model_meta", "prepare_view", "read_view_document", "safe_stem", "save_tensors", "scores_from_maps", "token_strings"]
 
