@@ -20,8 +20,9 @@ MAX_LINES = 550
 FLOORS = {
     0: ("qkdissect._version", "qkdissect.errors", "qkdissect.progress", "qkdissect.files", "qkdissect.outputs",
         "qkdissect.images",
-        "qkdissect.factored", "qkdissect.plots", "qkdissect.overlays"),
-    1: ("qkdissect.metrics", "qkdissect.adapters", "qkdissect.decomposition", "qkdissect.projection",
+        "qkdissect.factored", "qkdissect.forms", "qkdissect.plots", "qkdissect.overlays"),
+    1: ("qkdissect.metrics", "qkdissect.adapters", "qkdissect.atlas", "qkdissect.decomposition", "qkdissect.positional",
+        "qkdissect.projection",
         "qkdissect.synthetic", "qkdissect.builtin"),
     2: ("qkdissect.comparison", "qkdissect.mining", "qkdissect.preference", "qkdissect.views", "qkdissect.report",
         "qkdissect.dynamics", "qkdissect.survey"),

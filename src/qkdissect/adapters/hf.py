@@ -41,9 +41,6 @@ def find_qk(attention: nn.Module) -> tuple[nn.Module, nn.Linear, nn.Linear]:
     )
 
 
-_find_qk = find_qk  # the name older tests import
-
-
 def _heads_and_scale(module: nn.Module, config: Any, width: int) -> tuple[int, int, float]:
     n_heads = int(getattr(module, "num_attention_heads", None) or getattr(module, "num_heads", None)
                   or config.num_attention_heads)
@@ -54,7 +51,7 @@ def _heads_and_scale(module: nn.Module, config: Any, width: int) -> tuple[int, i
     return n_heads, d_head, float(scale if scale is not None else d_head ** -0.5)
 
 
-class _HFAdapter(ModelAdapter):
+class HFAdapter(ModelAdapter):
     """Common code; subclasses name their backbone and layer classes."""
 
     transformers_module: ClassVar[str]
@@ -225,7 +222,7 @@ class _HFAdapter(ModelAdapter):
 
 
 @register_adapter
-class HFViTAdapter(_HFAdapter):
+class HFViTAdapter(HFAdapter):
     family = "hf-vit"
     transformers_module = "transformers.models.vit.modeling_vit"
     backbone_classes = ("ViTModel",)
@@ -240,7 +237,7 @@ class HFViTAdapter(_HFAdapter):
 
 
 @register_adapter
-class HFDeiTAdapter(_HFAdapter):
+class HFDeiTAdapter(HFAdapter):
     family = "hf-deit"
     transformers_module = "transformers.models.deit.modeling_deit"
     backbone_classes = ("DeiTModel",)
@@ -255,7 +252,7 @@ class HFDeiTAdapter(_HFAdapter):
 
 
 @register_adapter
-class HFDinov2Adapter(_HFAdapter):
+class HFDinov2Adapter(HFAdapter):
     family = "hf-dinov2"
     transformers_module = "transformers.models.dinov2.modeling_dinov2"
     backbone_classes = ("Dinov2Model",)
@@ -282,7 +279,7 @@ class HFDinov2RegistersAdapter(HFDinov2Adapter):
 
 
 @register_adapter
-class HFCLIPVisionAdapter(_HFAdapter):
+class HFCLIPVisionAdapter(HFAdapter):
     """CLIP's vision tower. The pre-LayerNorm before the blocks is part of the residual stream;
     x̃ is ``layer_norm1`` of each block. The attention scale is read from the module."""
 
@@ -307,7 +304,7 @@ class HFCLIPVisionAdapter(_HFAdapter):
 
 
 @register_adapter
-class HFBertAdapter(_HFAdapter):
+class HFBertAdapter(HFAdapter):
     """BERT-style post-LN text encoders (BERT, MiniLM): x̃ is the block input, which the
     previous block's output LayerNorm (the embedding LayerNorm for layer 0) produced."""
 

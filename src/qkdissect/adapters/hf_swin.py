@@ -14,14 +14,14 @@ import math
 import torch
 from torch import Tensor, nn
 
-from qkdissect.adapters.hf import _HFAdapter
+from qkdissect.adapters.hf import HFAdapter
 from qkdissect.adapters.registry import register_adapter
 from qkdissect.forms import AttentionForm, QKNorm, RelativeBias, WindowLayout, window_token_index
 
 __all__ = ["HFSwinAdapter", "HFSwinv2Adapter"]
 
 
-class _HFSwinBase(_HFAdapter):
+class _HFSwinBase(HFAdapter):
     norm_attr = "layernorm_before"
     attention_attr = "attention"
     _windows: list[WindowLayout] | None = None

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from qkdissect.adapters.base import ModelAdapter
-from qkdissect.adapters.hf import _HFAdapter
+from qkdissect.adapters.hf import HFAdapter
 from qkdissect.adapters.registry import register_adapter
 from qkdissect.adapters.timm_common import norm_module
 from qkdissect.adapters.timm_eva import pairs_from_full
@@ -28,7 +28,7 @@ from qkdissect.forms import AttentionForm, RotaryTable
 __all__ = ["HFGPT2Adapter", "HFLlamaAdapter", "HFQwen2Adapter", "HFQwen3Adapter"]
 
 
-class _HFDecoder(_HFAdapter):
+class _HFDecoder(HFAdapter):
     modality = "text"
     tokenizer: Any = None
     norm_attr = "input_layernorm"

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from qkdissect.adapters.base import loaded_class
-from qkdissect.adapters.hf import HALF, _HFAdapter
+from qkdissect.adapters.hf import HALF, HFAdapter
 from qkdissect.adapters.registry import register_adapter
 from qkdissect.adapters.timm_eva import pairs_from_full
 from qkdissect.errors import QKDissectError
@@ -37,7 +37,7 @@ def grid_positions(n_prefix: int, grid: tuple[int, int]) -> Tensor:
 
 
 @register_adapter
-class HFSiglipAdapter(_HFAdapter):
+class HFSiglipAdapter(HFAdapter):
     family = "hf-siglip-vision"
     transformers_module = "transformers.models.siglip.modeling_siglip"
     backbone_classes = ("SiglipVisionModel", "SiglipVisionTransformer")
@@ -55,7 +55,7 @@ class HFSiglipAdapter(_HFAdapter):
 
 
 @register_adapter
-class HFSiglip2Adapter(_HFAdapter):
+class HFSiglip2Adapter(HFAdapter):
     family = "hf-siglip2-vision"
     transformers_module = "transformers.models.siglip2.modeling_siglip2"
     backbone_classes = ("Siglip2VisionModel", "Siglip2VisionTransformer")
@@ -100,7 +100,7 @@ class HFSiglip2Adapter(_HFAdapter):
 
 
 @register_adapter
-class HFViTMAEAdapter(_HFAdapter):
+class HFViTMAEAdapter(HFAdapter):
     family = "hf-vit-mae"
     transformers_module = "transformers.models.vit_mae.modeling_vit_mae"
     backbone_classes = ("ViTMAEModel",)
@@ -124,7 +124,7 @@ class HFViTMAEAdapter(_HFAdapter):
 
 
 @register_adapter
-class HFDinov3Adapter(_HFAdapter):
+class HFDinov3Adapter(HFAdapter):
     family = "hf-dinov3"
     transformers_module = "transformers.models.dinov3_vit.modeling_dinov3_vit"
     backbone_classes = ("DINOv3ViTModel", "DINOv3ViTBackbone")
@@ -183,7 +183,7 @@ class _RelativeBiasMixin:
 
 
 @register_adapter
-class HFBeitAdapter(_RelativeBiasMixin, _HFAdapter):
+class HFBeitAdapter(_RelativeBiasMixin, HFAdapter):
     family = "hf-beit"
     transformers_module = "transformers.models.beit.modeling_beit"
     backbone_classes = ("BeitModel",)
@@ -208,7 +208,7 @@ class HFBeitAdapter(_RelativeBiasMixin, _HFAdapter):
 
 
 @register_adapter
-class HFData2VecVisionAdapter(_RelativeBiasMixin, _HFAdapter):
+class HFData2VecVisionAdapter(_RelativeBiasMixin, HFAdapter):
     family = "hf-data2vec-vision"
     transformers_module = "transformers.models.data2vec.modeling_data2vec_vision"
     backbone_classes = ("Data2VecVisionModel",)
