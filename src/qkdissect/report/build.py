@@ -204,9 +204,8 @@ def _write_pages(tmp: Path, atlas: ModeAtlas, atlas_dir: str | None, inputs: _In
     heads = tmp / "heads"
     heads.mkdir()
     template = env.get_template("head.html.j2")
-    total = atlas.n_layers * atlas.n_heads
-    for index in range(total):
-        layer, head = divmod(index, atlas.n_heads)
+    total = len(tables.order)
+    for index, (layer, head) in enumerate(tables.order):
         path = heads / tables.page(layer, head)
         context = head_context(tables, layer, head)
         context.update({name: make(layer, head) for name, make in per_head.items()})
