@@ -43,6 +43,8 @@ def test_maps_and_rank_use_the_exact_form(kind, photos, tmp_path):
     n = tensors["contributions"].shape[-1]
     assert "residual_logits" in tensors and tensors["residual_logits"].shape == (n, n)
     assert "key_bias_logits" not in tensors
+    if kind == "timm-vit-qknorm":  # the per-token factors are reported, and the maps are divided by them
+        assert tensors["rho"].shape == (2, n) and bool((tensors["rho"] > 0).all())
     rank = run_rank(ctx, tmp_path / "rank", layers=[1], images=sorted(photos.glob("*.png"))[:1])
     rows = [r for r in rank.rows if r["head"] == 2]
     assert abs(sum(r["share"] for r in rows) + rows[0]["head_bias_share"] - 1.0) < 1e-6

@@ -22,6 +22,7 @@ from qkdissect.projection import (
     logit_variance_shares,
     mode_contributions,
     project,
+    qk_norm_factors,
     residual_logits,
 )
 
@@ -106,7 +107,8 @@ class HeadMaps:
     (B, N) for plain-bilinear layers, or residual_logits (B, N, N) — everything no mode carries
     (offsets of rotated / normalised heads, relative bias) — for the others; mode_shares (B, r) over
     *all* modes of the head, bias_share, relative_bias_share and logit_variance (B,); token_mask (B, N)
-    valid tokens (text padding excluded) or None; grid (rows, cols) for images.
+    valid tokens (text padding excluded) or None; grid (rows, cols) for images; rho (B, 2, N) the
+    QK-norm factors ρ_q, ρ_k of every token (the maps q, k are already divided by them).
     """
 
     layer: int
@@ -124,6 +126,7 @@ class HeadMaps:
     token_mask: Tensor | None = None
     residual_logits: Tensor | None = None
     relative_bias_share: Tensor | None = None
+    rho: Tensor | None = None  # (B, 2, N): QK-norm factors ρ_q, ρ_k of every token (None without a QK-norm)
 
     def score_mask(self) -> Tensor:
         """(B, N) tokens that count for scores: patch tokens (images) or valid tokens (text)."""
@@ -148,6 +151,10 @@ def head_maps(ctx: ViewContext, inputs: Any, layer: int, head: int, modes: Seque
     selected = list(modes)
     shares = logit_variance_shares(atlas, layer, x, token_mask)
     plain = atlas.layers[layer].form is None
+    rho = None
+    if not plain and atlas.layers[layer].form.qk_norm is not None:
+        rho_q, rho_k = qk_norm_factors(atlas, layer, x)
+        rho = torch.stack([rho_q[:, head], rho_k[:, head]], dim=1).cpu()
     return HeadMaps(
         layer=layer, head=head, modes=tuple(selected),
         q=q[:, head][..., selected].transpose(1, 2).cpu(), k=k[:, head][..., selected].transpose(1, 2).cpu(),
@@ -157,7 +164,8 @@ def head_maps(ctx: ViewContext, inputs: Any, layer: int, head: int, modes: Seque
         mode_shares=shares.mode_shares[:, head].cpu(), bias_share=shares.bias_share[:, head].cpu(),
         logit_variance=shares.logit_variance[:, head].cpu(), n_prefix=ctx.n_prefix, grid=ctx.grid(),
         token_mask=None if token_mask is None else token_mask.cpu(),
-        relative_bias_share=None if shares.relative_bias_share is None else shares.relative_bias_share[:, head].cpu())
+        relative_bias_share=None if shares.relative_bias_share is None else shares.relative_bias_share[:, head].cpu(),
+        rho=rho)
 
 
 @dataclass(frozen=True)

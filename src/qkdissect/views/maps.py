@@ -70,12 +70,16 @@ def _mode_entries(ctx: ViewContext, maps: HeadMaps, row: int) -> list[dict[str, 
 
 
 def _remainder(maps: HeadMaps, valid: Tensor | None) -> dict[str, Tensor]:
-    """key_bias_logits (N,) of a plain layer, or residual_logits (N, N) of a layer with another form."""
+    """key_bias_logits (N,) of a plain layer, or residual_logits (N, N) of a layer with another form; rho
+    (2, N) the per-token QK-norm factors ρ_q, ρ_k of a QK-norm layer."""
     if maps.residual_logits is None:
         values = maps.key_bias_logits[0]
         return {"key_bias_logits": values if valid is None else values[valid]}
     values = maps.residual_logits[0]
-    return {"residual_logits": values if valid is None else values[valid][:, valid]}
+    out = {"residual_logits": values if valid is None else values[valid][:, valid]}
+    if maps.rho is not None:
+        out["rho"] = maps.rho[0] if valid is None else maps.rho[0][:, valid]
+    return out
 
 
 def _write_image_item(ctx: ViewContext, out: Path, item: ViewInput, maps: HeadMaps, signs: str) -> dict[str, Any]:
