@@ -74,7 +74,8 @@ class ComparedModel:
         return cls(label=label or str(atlas.meta.get("model", source or "?")), model=str(atlas.meta.get("model", "?")),
                    family=str(atlas.meta.get("family", "?")), n_layers=atlas.n_layers, n_heads=atlas.n_heads,
                    d_model=atlas.d_model, d_head=atlas.rank, band=tuple(atlas.null.weighted_band),
-                   weighted=tuple(tuple(row) for row in atlas.weighted_cosines.double().tolist()),
+                   weighted=tuple(tuple(row[:atlas.heads_in(i)])  # layers may have fewer heads (Swin)
+                                  for i, row in enumerate(atlas.weighted_cosines.double().tolist())),
                    layers=tuple(atlas.layer_summary()), atlas=source)
 
 

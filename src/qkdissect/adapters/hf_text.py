@@ -90,8 +90,12 @@ class HFGPT2Adapter(_HFDecoder):
         bias = attn.c_attn.bias.detach()
         W_q = weight[:, :d_model].T.reshape(n_heads, d_head, d_model).clone()
         W_k = weight[:, d_model:2 * d_model].T.reshape(n_heads, d_head, d_model).clone()
+        scale = getattr(attn, "scaling", None)
+        if scale is None:  # older transformers: the same rule, spelled out
+            scale = (d_head ** -0.5 if attn.scale_attn_weights else 1.0) / (
+                float(attn.layer_idx + 1) if attn.scale_attn_by_inverse_layer_idx else 1.0)
         return (W_q, W_k, bias[:d_model].reshape(n_heads, d_head).clone(),
-                bias[d_model:2 * d_model].reshape(n_heads, d_head).clone(), float(attn.scaling))
+                bias[d_model:2 * d_model].reshape(n_heads, d_head).clone(), float(scale))
 
     def attention_form(self, layer: int) -> AttentionForm:
         return AttentionForm(causal=True)
