@@ -92,3 +92,7 @@ def test_swin_atlas_has_a_width_per_layer(tmp_path):
     assert all("bias_share" in h["positional"] for h in document["heads"])
     with pytest.raises(Exception, match="heads 0..2"):
         atlas.head(0, 4)
+    result = runner.invoke(app, ["compare", str(out), str(out), "--out", str(tmp_path / "cmp"), "--labels", "a,b"])
+    assert result.exit_code == 0, result.output
+    compared = json.loads((tmp_path / "cmp" / "compare.json").read_text())["models"][0]
+    assert [len(row) for row in compared["weighted_cosines"]] == [3, 6, 6]
