@@ -212,3 +212,25 @@ def test_plain_layers_are_their_own_offset_modes_and_v1_atlases_load(tmp_path, t
     assert old.layers[0].form is None and torch.equal(old.layers[2].U, atlas.layers[2].U)
     x = capture_attention_inputs(timm_vit, torch.randn(1, 3, 40, 56), [2])[2]
     torch.testing.assert_close(attention_from_modes(old, 2, x), attention_from_modes(atlas, 2, x))
+
+
+@pytest.mark.parametrize("shape, pairs, prefix", [((3, 5), "all", 2), ((17,), "causal", 0), ((30,), "all", 1)])
+def test_distance_sums_by_correlation_equal_the_pairwise_sums(shape, pairs, prefix):
+    """Arbitrary (not linear in position, not unit-modulus) token rotations: the FFT cross-correlation over the
+    grid gives the same per-bin sums as visiting every pair."""
+    from qkdissect.forms import RotaryTable
+    from qkdissect.forms.rotary import distance_average, distance_edges, pairwise_distance_average, rotations
+
+    generator = torch.Generator().manual_seed(0)
+    T = int(torch.tensor(shape).prod())
+    angles = torch.randn(2, T, 3, generator=generator, dtype=torch.float64) * 2
+    cos = torch.cat([torch.ones(2, prefix, 3, dtype=torch.float64), 1.1 * angles.cos()], 1)
+    sin = torch.cat([torch.zeros(2, prefix, 3, dtype=torch.float64), 1.1 * angles.sin()], 1)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in shape], indexing="ij"), -1)
+    positions = torch.cat([torch.full((prefix, len(shape)), float("nan"), dtype=torch.float64),
+                           grid.reshape(T, -1)])
+    table = RotaryTable(cos=cos, sin=sin, layout="half", rotary_dim=6, positions=positions, pairs=pairs)
+    z = rotations(table, table.n_tokens, 6)
+    edges = distance_edges(table.positions)
+    for fast, slow in zip(distance_average(z, table, edges), pairwise_distance_average(z, table, edges)):
+        torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)

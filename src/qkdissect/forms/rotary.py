@@ -166,12 +166,69 @@ def distance_edges(positions: Tensor) -> Tensor:
     return torch.tensor(edges + [extent + 1.0], dtype=torch.float64)
 
 
+def lattice(table: RotaryTable) -> tuple[Tensor, tuple[int, ...]] | None:
+    """(indices of the positioned tokens, grid shape) when they fill a full integer grid in row-major
+    order (images: rows × cols; text: 0..T−1), else None."""
+    index = torch.nonzero(table.rotated).flatten()
+    pos = table.positions[index].double()
+    if pos.numel() == 0 or not torch.equal(pos, pos.round()):
+        pos = None
+    if pos is None:
+        return None
+    low = pos.min(0).values
+    shape = tuple(int(v) + 1 for v in (pos.max(0).values - low))
+    if math.prod(shape) != len(index):
+        return None
+    grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in shape], indexing="ij"), -1)
+    return (index, shape) if torch.equal(pos - low, grid.reshape(-1, len(shape))) else None
+
+
+def _correlation(zr: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """c(o) = Σ_i conj(z_i) z_{i+o} over grid positions i with i + o on the grid, every offset o at once:
+    zr (G, T_r, P) -> (G, *(2n − 1 for n in shape), P), offsets ordered from −(n−1) to n−1 (FFT, exact to
+    rounding)."""
+    G, _, P = zr.shape
+    grid = zr.reshape(G, *shape, P)
+    dims = tuple(range(1, 1 + len(shape)))
+    size = [2 * n - 1 for n in shape]
+    spectrum = torch.fft.fftn(grid, s=size, dim=dims)
+    corr = torch.fft.ifftn(spectrum.conj() * spectrum, dim=dims)  # circular index o mod size
+    return torch.fft.fftshift(corr, dim=dims)  # index k ↔ offset k − (n − 1)
+
+
 def distance_average(z: Tensor, table: RotaryTable, edges: Tensor, chunk: int = 8) -> tuple[Tensor, Tensor, Tensor]:
     """Mean of w(i, j) over the attending pairs of positioned tokens in each distance bin.
 
     z: (G, T, P) rotations of the table's tokens. Returns w_bins (G, D, P), pair counts (D,) and
-    the mean distance of each bin (D,); empty bins are dropped.
+    the mean distance of each bin (D,); empty bins are dropped. Tokens on a full grid (images,
+    texts) sum every offset at once by a cross-correlation (FFT, O(T log T)); other layouts pair by pair.
     """
+    found = lattice(table)
+    D = len(edges) - 1
+    if found is not None:
+        index, shape = found
+        axes = torch.meshgrid(*[torch.arange(-(n - 1), n, dtype=torch.float64) for n in shape], indexing="ij")
+        offsets = torch.stack(axes, -1).reshape(-1, len(shape))  # (O, A), key − query
+        counts_o = torch.stack([torch.tensor(float(n)) - o.abs() for n, o in zip(shape, offsets.T)], -1).prod(-1)
+        if table.pairs == "causal":  # 1-D: keys at or before the query
+            counts_o = torch.where(offsets[:, 0] <= 0, counts_o, 0.0) if len(shape) == 1 else None
+        if counts_o is not None:
+            distance = torch.linalg.vector_norm(offsets, dim=-1)
+            bins = torch.bucketize(distance, edges.double(), right=True) - 1
+            keep = (bins >= 0) & (bins < D) & (counts_o > 0)
+            counts = torch.zeros(D, dtype=torch.float64).index_add_(0, bins[keep], counts_o[keep])
+            dist_sum = torch.zeros(D, dtype=torch.float64).index_add_(0, bins[keep], (counts_o * distance)[keep])
+            corr = _correlation(z[:, index], shape).reshape(z.shape[0], -1, z.shape[-1])  # (G, O, P)
+            sums = torch.zeros(z.shape[0], D, z.shape[-1], dtype=z.dtype).index_add_(1, bins[keep], corr[:, keep])
+            present = counts > 0
+            return (sums[:, present] / counts[present][None, :, None], counts[present],
+                    dist_sum[present] / counts[present])
+    return pairwise_distance_average(z, table, edges, chunk)
+
+
+def pairwise_distance_average(z: Tensor, table: RotaryTable, edges: Tensor, chunk: int = 8
+                              ) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`distance_average` pair by pair (any token layout)."""
     rotated = table.rotated
     index = torch.nonzero(rotated).flatten()
     pos = table.positions[index].double()
