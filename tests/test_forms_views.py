@@ -54,10 +54,59 @@ def test_maps_and_rank_use_the_exact_form(kind, photos, tmp_path):
     assert meta["attention_forms"] == ctx.atlas.meta["attention_forms"]
 
 
-def test_window_layers_are_refused_by_views_with_the_reason(photos, tmp_path):
+@pytest.mark.parametrize("kind", ["timm-swin", "hf-swinv2"])
+def test_window_maps_are_on_the_layers_grid_and_shares_sum_over_windows(kind, photos, tmp_path):
+    """Layer 1 is the second stage: a 4 × 6 grid in 4 × 4 windows (padded to 4 × 8), shifted for timm."""
+    from qkdissect.projection import logit_variance_shares, logits_from_modes, valid_pairs
+
+    ctx = prepare_view(_float32(kind))
+    images = sorted(photos.glob("*.png"))
+    result = run_maps(ctx, tmp_path / "maps", layer=1, head=4, modes=[0, 2], images=images[:2])
+    tensors = result.items[0].tensors
+    assert tensors["q"].shape == (2, 4, 6) and result.meta["grid"] == [4, 6]
+    assert tensors["contributions"].shape == (2, 2, 16, 16) and tensors["window_index"].shape == (2, 16)
+    # the grid maps are the projections of the layer's own grid tokens (window partition undone)
+    from qkdissect.views.context import forward_input, iter_inputs
+
+    item = next(iter_inputs(ctx, images[:1], [], []))
+    pixels, _ = forward_input(item)
+    layer = ctx.loaded.adapter.attention_layers()[1]
+    store = {}
+    block = ctx.loaded.adapter.blocks[1] if kind.startswith("timm") else ctx.loaded.adapter.layers[1]
+    hook = block.register_forward_pre_hook(lambda _m, args: store.__setitem__("x", args[0]))
+    with torch.no_grad():
+        ctx.loaded.adapter.forward(pixels)
+    hook.remove()
+    x = store["x"].reshape(1, 24, -1)
+    if kind.startswith("timm"):
+        x = block.norm1(x)  # Swin v1: pre-norm; Swinv2: post-norm, x̃ is the block input
+    expected = x.double() @ ctx.atlas.layers[1].U[4][:, [0, 2]].double()
+    if layer.form.qk_norm is not None:
+        from qkdissect.projection import qk_norm_factors
+
+        captured = capture_attention_inputs(ctx.loaded, pixels, [1])[1]
+        from qkdissect.projection import windows_to_grid
+
+        rho = windows_to_grid(qk_norm_factors(ctx.atlas, 1, captured)[0][:, 4:5], layer.form.windows)
+        expected = expected / rho.transpose(1, 2)
+    torch.testing.assert_close(tensors["q"].reshape(2, -1).double(), expected[0].T, rtol=1e-4, atol=1e-5)
+    # shares over an image's windows sum to 1; the logit variance is the mean over every query row
+    captured = capture_attention_inputs(ctx.loaded, pixels, [1])[1].double()
+    shares = logit_variance_shares(ctx.atlas, 1, captured)
+    torch.testing.assert_close(shares.mode_shares.sum(-1) + shares.bias_share, torch.ones_like(shares.bias_share))
+    logits = logits_from_modes(ctx.atlas, 1, captured)
+    allowed = valid_pairs(ctx.atlas, 1, captured)
+    pairs = torch.ones_like(logits[:, 0], dtype=torch.bool) if allowed is None else allowed.expand_as(logits[:, 0])
+    w = pairs[:, None].double()
+    centred = (logits - (logits * w).sum(-1, keepdim=True) / w.sum(-1, keepdim=True)) * w
+    per_row = (centred ** 2).sum(-1) / w.sum(-1)
+    torch.testing.assert_close(shares.logit_variance[0], per_row.permute(1, 0, 2).reshape(per_row.shape[1], -1).mean(-1))
+    rank = run_rank(ctx, tmp_path / "rank", layers=[1], images=images[:1])
+    assert len(rank.rows) == 6 * ctx.atlas.rank
+
+
+def test_window_layers_are_refused_by_mining_and_preference(photos, tmp_path):
     ctx = prepare_view(_float32("timm-swin"))
-    with pytest.raises(QKDissectError, match="windows"):
-        run_maps(ctx, tmp_path / "maps", layer=0, head=0, modes=[0], images=sorted(photos.glob("*.png")))
     from qkdissect.mining import mine
 
     with pytest.raises(QKDissectError, match="windows"):

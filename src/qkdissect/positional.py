@@ -229,10 +229,10 @@ def offset_document(atlas: ModeAtlas, offsets: list[tuple[float, ...]]) -> tuple
 
 
 def refuse_windows(atlas: ModeAtlas, layer: int) -> None:
-    """QKDissectError when ``layer`` attends inside (shifted) windows: per-input views need one
-    sequence of tokens per image, a window layer's input is (B·n_windows, T_w, d_model)."""
+    """QKDissectError when ``layer`` attends inside (shifted) windows, for analyses that need one attention
+    row over the whole image per query (mining's patch scores, preference between objects)."""
     form = atlas.layers[layer].form
     if form is not None and form.windows is not None:
-        raise QKDissectError(f"layer {layer} attends inside (shifted) windows (Swin): per-input maps, rankings, "
-                             "mining and preference of window attention are not supported; `qkdissect dissect` "
-                             "and qkdissect.projection (per window) are.")
+        raise QKDissectError(f"layer {layer} attends inside (shifted) windows (Swin): mining and attention preference "
+                             "of window attention are not supported (a query sees only its window); `qkdissect "
+                             "dissect`, `maps`, `rank` and `report` are.")

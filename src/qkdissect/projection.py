@@ -46,6 +46,7 @@ __all__ = [
     "residual_logits",
     "split_tokens",
     "valid_pairs",
+    "windows_to_grid",
 ]
 
 
@@ -356,23 +357,29 @@ def logit_variance_shares(atlas, layer: int, x: Tensor, token_mask: Tensor | Non
 
 
 def _exact_shares(atlas, layer: int, z: Tensor, token_mask: Tensor) -> LogitVarianceShares:
-    """Dense O(r·N²) per head and input: the exact contributions of a layer with an attention form."""
+    """Dense O(r·N²) per head and input: the exact contributions of a layer with an attention form. Window
+    layers (rows = B · n_windows windows) sum the inner products over the windows of each image."""
     B, N = z.shape[:2]
     H, r = atlas.heads_in(layer), atlas.rank
     form = atlas.layers[layer].form
+    group = 1 if form.windows is None else form.windows.n_windows
+    if B % group:
+        raise QKDissectError(f"layer {layer} attends in {group} windows per image; the input has {B} rows.")
     pairs = token_mask[:, :, None] & token_mask[:, None, :]
     allowed = form_valid_pairs(form, B, N, z.device)
     if allowed is not None:
         pairs = pairs & allowed
-    if bool((pairs.sum(-1) < 2).all(dim=-1).any()):
-        raise QKDissectError("logit variance needs at least two valid tokens per input.")
-    mode_shares = torch.zeros(B, H, r, dtype=torch.float64)
-    bias_share, variance = torch.zeros(B, H, dtype=torch.float64), torch.zeros(B, H, dtype=torch.float64)
-    relative = torch.zeros(B, H, dtype=torch.float64) if form.bias is not None else None
+    images = B // group
+    # raw sums per image and head: ⟨C̄_k, L̄⟩ (r), ⟨B̄, L̄⟩, ⟨B̄_rel, L̄⟩, ⟨L̄, L̄⟩, Σ_rows Var_row, number of rows
+    mode_ip = torch.zeros(images, H, r, dtype=torch.float64)
+    bias_ip, rel_ip, total, var_sum = (torch.zeros(images, H, dtype=torch.float64) for _ in range(4))
+    n_rows = torch.zeros(images, dtype=torch.float64)
     for b in range(B):
         w = pairs[b].double()  # (N, N)
         rows = w.sum(-1, keepdim=True)
         live = rows[:, 0] > 0
+        image = b // group
+        n_rows[image] += float(live.sum())
 
         def centre(t: Tensor, w: Tensor = w, rows: Tensor = rows) -> Tensor:
             return (t - (t * w).sum(-1, keepdim=True) / rows.clamp_min(1)) * w
@@ -382,13 +389,30 @@ def _exact_shares(atlas, layer: int, z: Tensor, token_mask: Tensor) -> LogitVari
             residual = _residual(atlas, layer, z[b:b + 1], h)[0]
             C, R = centre(parts), centre(residual)
             L = C.sum(0) + R
-            total = (L * L).sum()
-            safe = total if total > 0 else torch.ones_like(total)
-            mode_shares[b, h] = (C * L).sum(dim=(-1, -2)) / safe
-            bias_share[b, h] = (R * L).sum() / safe
-            variance[b, h] = ((L * L).sum(-1)[live] / rows[live, 0]).mean()
-            if relative is not None:
-                relative[b, h] = (centre(form.bias.dense()[h].to(z)) * L).sum() / safe
-    return LogitVarianceShares(mode_shares=mode_shares, bias_share=bias_share, logit_variance=variance,
-                               relative_bias_share=relative)
+            total[image, h] += (L * L).sum()
+            mode_ip[image, h] += (C * L).sum(dim=(-1, -2))
+            bias_ip[image, h] += (R * L).sum()
+            var_sum[image, h] += ((L * L).sum(-1)[live] / rows[live, 0]).sum()
+            if form.bias is not None:
+                rel_ip[image, h] += (centre(form.bias.dense()[h].to(z)) * L).sum()
+    if bool((n_rows == 0).any()) or bool((pairs.sum(-1) < 2).all(dim=-1).reshape(images, group).all(-1).any()):
+        raise QKDissectError("logit variance needs at least two valid tokens per input.")
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    return LogitVarianceShares(mode_shares=mode_ip / safe[..., None], bias_share=bias_ip / safe,
+                               logit_variance=var_sum / n_rows[:, None],
+                               relative_bias_share=rel_ip / safe if form.bias is not None else None)
 
+
+def windows_to_grid(values: Tensor, windows: Any) -> Tensor:
+    """Per-window-token values (B·n_windows, ..., T_w) -> per-grid-token values (B, ..., rows·cols) in
+    row-major grid order (the window partition undone, padding dropped; ``windows`` a WindowLayout)."""
+    index = windows.token_index.to(values.device)
+    n_windows, T_w = index.shape
+    batch = values.shape[0] // n_windows
+    middle = values.shape[1:-1]
+    v = values.reshape(batch, n_windows, *middle, T_w).movedim(1, -2).reshape(batch, *middle, n_windows * T_w)
+    flat = index.reshape(-1)
+    keep = flat >= 0
+    out = torch.zeros(batch, *middle, windows.grid[0] * windows.grid[1], dtype=values.dtype, device=values.device)
+    out[..., flat[keep]] = v[..., keep]
+    return out

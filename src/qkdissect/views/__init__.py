@@ -9,7 +9,9 @@ tokens (image) or valid tokens (text); the share of logit variance is defined in
 exact logits: QK-norm maps are divided by each token's factor ρ, contributions of rotary and
 normalised heads are the exact ones of ``qkdissect.projection.mode_contributions``, and the rest
 of their logits (query/key offsets, relative position bias) is stored as residual_logits; masked
-pairs (causal) do not count. Window attention (Swin) is refused.
+pairs (causal, Swin's shift mask) do not count. Window attention (Swin): maps are put back on the
+layer's own grid, contributions and residual logits are kept per window (with each window token's
+grid index), and shares sum over the windows of an image.
 
 Folder written by :func:`run_maps` (read it with :func:`load_maps`)::
 

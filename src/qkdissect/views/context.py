@@ -15,7 +15,6 @@ from torch import Tensor
 from qkdissect.adapters.loading import LoadedModel, wrap_model
 from qkdissect.errors import QKDissectError
 from qkdissect.files import atomic_write, read_json_document
-from qkdissect.positional import refuse_windows
 from qkdissect.projection import (
     capture_attention_inputs,
     key_bias_logits,
@@ -24,6 +23,7 @@ from qkdissect.projection import (
     project,
     qk_norm_factors,
     residual_logits,
+    windows_to_grid,
 )
 
 __all__ = ["FORMAT_VERSION", "MAPS_FORMAT", "RANK_FORMAT", "HeadMaps", "ViewContext", "ViewInput", "check_head", "check_inputs", "forward_input", "head_maps", "iter_inputs", "model_meta", "prepare_view", "read_view_document", "safe_stem", "save_tensors", "scores_from_maps", "token_strings"]
@@ -69,11 +69,9 @@ def prepare_view(model: Any, atlas: Any = None) -> ViewContext:
 
 
 def check_head(atlas, layer: int, head: int | None = None, modes: Sequence[int] = ()) -> None:
-    """QKDissectError unless layer, head and modes exist in ``atlas`` and the layer's per-input views
-    are supported (window attention is not)."""
+    """QKDissectError unless layer, head and modes exist in ``atlas``."""
     if not 0 <= layer < atlas.n_layers:
         raise QKDissectError(f"layer {layer} does not exist: the model has layers 0..{atlas.n_layers - 1}.")
-    refuse_windows(atlas, layer)
     if head is not None and not 0 <= head < atlas.heads_in(layer):
         raise QKDissectError(f"head {head} does not exist: layer {layer} has heads 0..{atlas.heads_in(layer) - 1}.")
     bad = [m for m in modes if not 0 <= m < atlas.rank]
@@ -108,7 +106,10 @@ class HeadMaps:
     (offsets of rotated / normalised heads, relative bias) — for the others; mode_shares (B, r) over
     *all* modes of the head, bias_share, relative_bias_share and logit_variance (B,); token_mask (B, N)
     valid tokens (text padding excluded) or None; grid (rows, cols) for images; rho (B, 2, N) the
-    QK-norm factors ρ_q, ρ_k of every token (the maps q, k are already divided by them).
+    QK-norm factors ρ_q, ρ_k of every token (the maps q, k are already divided by them). Window layers
+    (Swin): q, k, rho are on the layer's own grid (window partition undone); contributions are
+    (B, m, n_windows, T_w, T_w) and residual_logits (B, n_windows, T_w, T_w) inside each window, whose
+    tokens sit at grid positions ``window_index``; shares are summed over an image's windows.
     """
 
     layer: int
@@ -127,6 +128,7 @@ class HeadMaps:
     residual_logits: Tensor | None = None
     relative_bias_share: Tensor | None = None
     rho: Tensor | None = None  # (B, 2, N): QK-norm factors ρ_q, ρ_k of every token (None without a QK-norm)
+    window_index: Tensor | None = None  # window layers: (n_windows, T_w) grid index of each window token
 
     def score_mask(self) -> Tensor:
         """(B, N) tokens that count for scores: patch tokens (images) or valid tokens (text)."""
@@ -146,26 +148,41 @@ def head_maps(ctx: ViewContext, inputs: Any, layer: int, head: int, modes: Seque
     the maps of ``modes`` of head ``head`` of ``layer``."""
     atlas = ctx.atlas
     check_head(atlas, layer, head, modes)
+    form = atlas.layers[layer].form
+    windows = None if form is None else form.windows
     x = capture_attention_inputs(ctx.loaded, inputs, [layer])[layer]
-    q, k = project(atlas, layer, x)  # (B, H, N, r)
+    q, k = project(atlas, layer, x)  # (B, H, N, r); window layers: (B·n_windows, H, T_w, r)
     selected = list(modes)
+    if windows is not None:
+        token_mask = None  # images without prefix tokens: every grid token counts
     shares = logit_variance_shares(atlas, layer, x, token_mask)
-    plain = atlas.layers[layer].form is None
+    plain = form is None
     rho = None
-    if not plain and atlas.layers[layer].form.qk_norm is not None:
+    if not plain and form.qk_norm is not None:
         rho_q, rho_k = qk_norm_factors(atlas, layer, x)
-        rho = torch.stack([rho_q[:, head], rho_k[:, head]], dim=1).cpu()
+        rho = torch.stack([rho_q[:, head], rho_k[:, head]], dim=1)
+    q = q[:, head][..., selected].transpose(1, 2)
+    k = k[:, head][..., selected].transpose(1, 2)
+    contributions = mode_contributions(atlas, layer, x, head, selected)
+    residual = None if plain else residual_logits(atlas, layer, x, head)
+    grid = ctx.grid()
+    if windows is not None:
+        n_windows, T_w = windows.token_index.shape
+        q, k = windows_to_grid(q, windows), windows_to_grid(k, windows)
+        rho = None if rho is None else windows_to_grid(rho, windows)
+        contributions = contributions.reshape(-1, n_windows, len(selected), T_w, T_w).transpose(1, 2)
+        residual = residual.reshape(-1, n_windows, T_w, T_w)
+        grid = windows.grid
     return HeadMaps(
-        layer=layer, head=head, modes=tuple(selected),
-        q=q[:, head][..., selected].transpose(1, 2).cpu(), k=k[:, head][..., selected].transpose(1, 2).cpu(),
-        contributions=mode_contributions(atlas, layer, x, head, selected).cpu(),
+        layer=layer, head=head, modes=tuple(selected), q=q.cpu(), k=k.cpu(), contributions=contributions.cpu(),
         key_bias_logits=key_bias_logits(atlas, layer, x, head).cpu() if plain else None,
-        residual_logits=None if plain else residual_logits(atlas, layer, x, head).cpu(),
+        residual_logits=None if residual is None else residual.cpu(),
         mode_shares=shares.mode_shares[:, head].cpu(), bias_share=shares.bias_share[:, head].cpu(),
-        logit_variance=shares.logit_variance[:, head].cpu(), n_prefix=ctx.n_prefix, grid=ctx.grid(),
-        token_mask=None if token_mask is None else token_mask.cpu(),
+        logit_variance=shares.logit_variance[:, head].cpu(), n_prefix=0 if windows is not None else ctx.n_prefix,
+        grid=grid, token_mask=None if token_mask is None else token_mask.cpu(),
         relative_bias_share=None if shares.relative_bias_share is None else shares.relative_bias_share[:, head].cpu(),
-        rho=rho)
+        rho=None if rho is None else rho.cpu(),
+        window_index=None if windows is None else windows.token_index.clone())
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,8 @@ def _remainder(maps: HeadMaps, valid: Tensor | None) -> dict[str, Tensor]:
     out = {"residual_logits": values if valid is None else values[valid][:, valid]}
     if maps.rho is not None:
         out["rho"] = maps.rho[0] if valid is None else maps.rho[0][:, valid]
+    if maps.window_index is not None:
+        out["window_index"] = maps.window_index
     return out
 
 
@@ -179,7 +181,13 @@ def run_maps(ctx: ViewContext, out: str | os.PathLike, *, layer: int, head: int,
                 entries.append(_write_text_item(ctx, staging, item, maps))
             report(progress, "maps", done, total)
         atlas = ctx.atlas
-        document = {"format": MAPS_FORMAT, "format_version": FORMAT_VERSION, **model_meta(ctx), "layer": layer,
+        form = atlas.layers[layer].form
+        meta = model_meta(ctx)
+        if form is not None and form.windows is not None:  # the maps live on this stage's grid
+            meta.update({"grid": list(form.windows.grid), "n_prefix_tokens": 0,
+                         "windows": {"window": list(form.windows.window), "shift": list(form.windows.shift),
+                                     "n_windows": form.windows.n_windows}})
+        document = {"format": MAPS_FORMAT, "format_version": FORMAT_VERSION, **meta, "layer": layer,
                     "head": head, "modes": [{"mode": m, "sigma": float(atlas.layers[layer].S[head, m]),
                                              "cosine": float(atlas.cosines[layer, head, m])} for m in modes],
                     "signs": signs,

@@ -51,7 +51,9 @@ def rank_rows(ctx: ViewContext, inputs: Any, layers: Sequence[int], token_mask: 
     captured = capture_attention_inputs(ctx.loaded, inputs, layers)
     per_input: list[list[dict]] = []
     for layer in layers:
-        shares = logit_variance_shares(atlas, layer, captured[layer], token_mask)
+        form = atlas.layers[layer].form
+        windowed = form is not None and form.windows is not None  # windows of one image sum up; no prefix tokens
+        shares = logit_variance_shares(atlas, layer, captured[layer], None if windowed else token_mask)
         sigma, cosines = atlas.layers[layer].S.double(), atlas.cosines[layer].double()
         for b in range(shares.mode_shares.shape[0]):
             if len(per_input) <= b:
