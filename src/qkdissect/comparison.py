@@ -23,6 +23,7 @@ from typing import Any, Sequence
 from qkdissect.decomposition import ModeAtlas
 from qkdissect.errors import QKDissectError
 from qkdissect.files import library_versions, read_json_document
+from qkdissect.formats import finite_or_none
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "ComparedModel", "Comparison", "compare", "load_compare"]
 
@@ -66,8 +67,10 @@ class ComparedModel:
     def to_json(self) -> dict[str, Any]:
         return {"label": self.label, "model": self.model, "family": self.family, "atlas": self.atlas,
                 "n_layers": self.n_layers, "n_heads": self.n_heads, "d_model": self.d_model, "d_head": self.d_head,
-                "null_band": list(self.band), "weighted_cosines": [list(row) for row in self.weighted],
-                "layers": list(self.layers)}
+                "null_band": list(self.band),
+                "weighted_cosines": [[finite_or_none(v) for v in row] for row in self.weighted],
+                "layers": [{k: finite_or_none(v) if isinstance(v, float) else v for k, v in row.items()}
+                           for row in self.layers]}
 
     @classmethod
     def from_atlas(cls, atlas: ModeAtlas, label: str | None = None, source: str = "") -> "ComparedModel":
@@ -96,12 +99,18 @@ class Comparison:
 
         out = Path(out)
 
+        from qkdissect.formats import validated
+        from qkdissect.formats.compare import CompareDocument
+
+        document = self.to_json()
+        validated(CompareDocument, document, out / "compare.json", "this comparison cannot be saved")
+
         def write(folder: Path) -> dict[str, Any]:
             if figure:
                 from qkdissect.plots import plot_compare
 
                 plot_compare(self.models, [m.label for m in self.models], folder / "compare.png")
-            return self.to_json()
+            return document
 
         write_output(out, FORMAT, "compare.json", write)
         return [out / "compare.png", out / "compare.json"] if figure else [out / "compare.json"]
@@ -125,32 +134,30 @@ def compare(atlases: Sequence[ModeAtlas | str | os.PathLike], labels: Sequence[s
 
 
 def load_compare(folder: str | os.PathLike) -> Comparison:
-    """Read a folder written by :meth:`Comparison.save` (``qkdissect compare``); QKDissectError for anything else."""
+    """Read a folder written by :meth:`Comparison.save` (``qkdissect compare``); one QKDissectError naming the file
+    and the field for anything else (schema: :mod:`qkdissect.formats.compare`)."""
+    from qkdissect.formats import read_document
+    from qkdissect.formats.compare import CompareDocument
+
     path = Path(folder) / "compare.json"
     remedy = "re-run `qkdissect compare`"
     document = read_json_document(path, missing=f"{folder} is not a `qkdissect compare` folder", remedy=remedy)
     if document.get("format") != FORMAT:
         raise QKDissectError(f"{path} is not a readable `qkdissect compare` result (format "
                              f"{document.get('format')!r}, expected {FORMAT!r}); {remedy}.")
-    if int(document.get("format_version", -1)) > FORMAT_VERSION:
-        raise QKDissectError(f"{path} has format version {document.get('format_version')}, newer than this "
-                             f"qkdissect reads ({FORMAT_VERSION}); upgrade qkdissect.")
     try:
-        models = tuple(ComparedModel(
-            label=str(entry["label"]), model=str(entry["model"]), family=str(entry["family"]),
-            n_layers=int(entry["n_layers"]), n_heads=int(entry["n_heads"]), d_model=int(entry["d_model"]),
-            d_head=int(entry["d_head"]), band=(float(entry["null_band"][0]), float(entry["null_band"][1])),
-            weighted=tuple(tuple(float(v) for v in row) for row in entry["weighted_cosines"]),
-            layers=tuple(dict(row) for row in entry["layers"]), atlas=str(entry.get("atlas", "")))
-            for entry in document["models"])
-        for model in models:
-            if len(model.layers) != model.n_layers or len(model.weighted) != model.n_layers:
-                raise ValueError(f"{model.label}: {len(model.layers)} layer rows for n_layers {model.n_layers}")
-            model.means, model.stds  # noqa: B018  (every row must carry its statistics)
-    except (ValueError, KeyError, TypeError, IndexError) as error:
-        raise QKDissectError(f"{path} is not a readable `qkdissect compare` result ({type(error).__name__}: "
-                             f"{error}); {remedy}.") from None
-    if not models:
-        raise QKDissectError(f"{path} lists no models; {remedy}.")
+        document, checked = read_document(path, CompareDocument, missing=f"{folder} is not a `qkdissect compare` "
+                                          "folder", remedy=remedy, max_version=FORMAT_VERSION)
+    except QKDissectError as error:
+        message = str(error).replace("is not a readable CompareDocument", "is not a readable `qkdissect compare` "
+                                                                          "result")
+        raise QKDissectError(message) from None
+    nan = float("nan")
+    models = tuple(ComparedModel(
+        label=entry.label, model=entry.model, family=entry.family, n_layers=entry.n_layers, n_heads=entry.n_heads,
+        d_model=entry.d_model, d_head=entry.d_head, band=tuple(entry.null_band),
+        weighted=tuple(tuple(nan if v is None else v for v in row) for row in entry.weighted_cosines),
+        layers=tuple({k: nan if v is None else v for k, v in row.model_dump().items()} for row in entry.layers),
+        atlas=entry.atlas) for entry in checked.models)
     meta = {k: v for k, v in document.items() if k not in ("format", "format_version", "models", "files")}
     return Comparison(models=models, meta=meta)

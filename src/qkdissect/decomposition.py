@@ -29,8 +29,17 @@ from qkdissect.adapters.base import AttentionLayer
 from qkdissect.adapters.loading import LoadedModel, wrap_model
 from qkdissect.errors import QKDissectError
 from qkdissect.factored import factored_svd
-from qkdissect.files import atomic_write, library_versions, read_json_document
-from qkdissect.metrics import NullReference, gaussian_null, mode_cosines, symmetric_fraction, weighted_cosine
+from qkdissect.files import atomic_write, library_versions
+from qkdissect.metrics import (
+    NullReference,
+    defined_modes,
+    defined_weighted_cosine,
+    gaussian_null,
+    layer_statistics,
+    mode_cosines,
+    symmetric_fraction,
+    undefined_tolerance,
+)
 
 __all__ = ["FORMAT_VERSION", "HeadModes", "LayerModes", "ModeAtlas", "dissect", "factored_svd", "fold_layer_norm"]
 
@@ -59,6 +68,11 @@ def fold_layer_norm(layer: AttentionLayer) -> AttentionLayer:
     W_q, b_q = fold(layer.W_q, layer.b_q)
     W_k, b_k = fold(layer.W_k, layer.b_k)
     return AttentionLayer(W_q=W_q, W_k=W_k, b_q=b_q, b_k=b_k, scale=layer.scale, kv_head_of=layer.kv_head_of)
+
+
+def _number(value: float) -> float | None:
+    """JSON has no NaN: an undefined statistic is written as null."""
+    return value if math.isfinite(value) else None
 
 
 def near_degenerate(S: Tensor, tol: float) -> Tensor:
@@ -97,6 +111,7 @@ class HeadModes:
     near_degenerate: tuple[int, ...]
     above_null: bool
     below_null: bool
+    n_defined: int = -1  # modes with σ_k > ε·σ_1 (the others have NaN cosines); 0: a head of rank 0
 
     @property
     def M(self) -> Tensor:
@@ -109,12 +124,16 @@ class ModeAtlas:
     """Query-key modes of every head of a model, with statistics and provenance.
 
     ``meta`` is JSON-ready (model spec, family, shapes, scale, preprocessing, versions, ...).
+    ``undefined_tol``: ε of "mode k is undefined when σ_k ≤ ε·σ_1" (None: ``metrics.undefined_tolerance`` of the
+    atlas's dtype and d_model). Undefined modes have NaN cosines and are left out of every statistic; a head
+    without a defined mode (rank 0) has NaN weighted cosine and symmetric fraction.
     """
 
     meta: dict[str, Any]
     layers: tuple[LayerModes, ...]
     null: NullReference
     gap_tol: float = 1e-3
+    undefined_tol: float | None = None
 
     # ----- shapes --------------------------------------------------------------------------
     @property
@@ -138,10 +157,32 @@ class ModeAtlas:
         return float(self.meta["scale"])
 
     # ----- statistics (derived, cached) ---------------------------------------------------------
+    @property
+    def undefined_tolerance(self) -> float:
+        """ε: mode k is undefined when σ_k ≤ ε·σ_1."""
+        if self.undefined_tol is not None:
+            return float(self.undefined_tol)
+        return undefined_tolerance(self.layers[0].S.dtype, self.d_model)
+
+    @cached_property
+    def defined(self) -> Tensor:
+        """(layers, heads, r) bool: σ_k > ε·σ_1 (see :attr:`undefined_tolerance`)."""
+        return defined_modes(self.singular_values, self.undefined_tolerance)
+
+    @cached_property
+    def head_ranks(self) -> Tensor:
+        """(layers, heads) number of defined modes; 0 marks a head of rank 0 (W_qᵀW_k = 0)."""
+        return self.defined.sum(dim=-1)
+
+    def rank0_heads(self) -> list[tuple[int, int]]:
+        """(layer, head) of every head without a defined mode."""
+        return [tuple(int(i) for i in pair) for pair in torch.nonzero(self.head_ranks == 0)]
+
     @cached_property
     def cosines(self) -> Tensor:
-        """Per-mode cosines u_k·v_k, (layers, heads, r)."""
-        return torch.stack([mode_cosines(layer.U, layer.V) for layer in self.layers])
+        """Per-mode cosines u_k·v_k, (layers, heads, r); NaN for undefined modes."""
+        raw = torch.stack([mode_cosines(layer.U, layer.V) for layer in self.layers])
+        return torch.where(self.defined, raw, torch.full_like(raw, float("nan")))
 
     @cached_property
     def singular_values(self) -> Tensor:
@@ -150,18 +191,19 @@ class ModeAtlas:
 
     @cached_property
     def weighted_cosines(self) -> Tensor:
-        """C_h = Σσcos/Σσ = tr(M)/‖M‖_*, (layers, heads)."""
-        return weighted_cosine(self.singular_values, self.cosines)
+        """C_h = Σσcos/Σσ = tr(M)/‖M‖_* over the defined modes, (layers, heads); NaN for a head of rank 0."""
+        return defined_weighted_cosine(self.singular_values, self.cosines, self.defined)
 
     @cached_property
     def symmetric_fractions(self) -> Tensor:
-        """‖M_s‖_F²/‖M‖_F², (layers, heads)."""
-        return torch.stack([symmetric_fraction(layer.U, layer.S, layer.V) for layer in self.layers])
+        """‖M_s‖_F²/‖M‖_F², (layers, heads); NaN for a head of rank 0."""
+        values = torch.stack([symmetric_fraction(layer.U, layer.S, layer.V) for layer in self.layers])
+        return torch.where(self.head_ranks > 0, values, torch.full_like(values, float("nan")))
 
     @cached_property
     def degenerate(self) -> Tensor:
-        """(layers, heads, r−1) mask of near-degenerate consecutive singular values."""
-        return near_degenerate(self.singular_values, self.gap_tol)
+        """(layers, heads, r−1) mask of near-degenerate consecutive defined singular values."""
+        return near_degenerate(self.singular_values, self.gap_tol) & self.defined[..., 1:]
 
     def head(self, layer: int, head: int) -> HeadModes:
         """The modes and statistics of one head."""
@@ -177,69 +219,63 @@ class ModeAtlas:
             symmetric_fraction=float(self.symmetric_fractions[layer, head]),
             near_degenerate=tuple(int(k) for k in torch.nonzero(self.degenerate[layer, head]).flatten()),
             above_null=weighted > self.null.weighted_band[1], below_null=weighted < self.null.weighted_band[0],
+            n_defined=int(self.head_ranks[layer, head]),
         )
 
     def layer_summary(self) -> list[dict[str, Any]]:
         """Per layer: mean / std / min / max weighted cosine, shares of heads above/below the null,
-        share of modes above the cosine null, mean symmetric fraction."""
-        lo, hi = self.null.weighted_band
-        c_lo, c_hi = self.null.cosine_band
-        rows = []
-        for index in range(self.n_layers):
-            w = self.weighted_cosines[index].double()
-            cos = self.cosines[index].double()
-            rows.append({
-                "layer": index,
-                "mean_weighted_cosine": float(w.mean()),
-                "std_weighted_cosine": float(w.std()) if w.numel() > 1 else 0.0,
-                "min_weighted_cosine": float(w.min()),
-                "max_weighted_cosine": float(w.max()),
-                "share_heads_above_null": float((w > hi).double().mean()),
-                "share_heads_below_null": float((w < lo).double().mean()),
-                "share_modes_above_null": float((cos > c_hi).double().mean()),
-                "share_modes_below_null": float((cos < c_lo).double().mean()),
-                "mean_symmetric_fraction": float(self.symmetric_fractions[index].double().mean()),
-            })
-        return rows
+        shares of modes above/below the cosine null, mean symmetric fraction — over the heads of rank > 0 and
+        the defined modes (NaN when a layer has none); ``n_rank0_heads``, ``n_undefined_modes``."""
+        return [{"layer": index, **layer_statistics(self.weighted_cosines[index], self.cosines[index],
+                                                    self.symmetric_fractions[index], self.null)}
+                for index in range(self.n_layers)]
 
     # ----- files ---------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
-        """The atlas.json document: metadata, null, one object per head, one per layer."""
+        """The atlas.json document: metadata, null, one object per head, one per layer (undefined values: null)."""
         lo, hi = self.null.weighted_band
         heads = []
         for layer in range(self.n_layers):
             for head in range(self.n_heads):
                 w = float(self.weighted_cosines[layer, head])
                 heads.append({
-                    "layer": layer, "head": head, "weighted_cosine": w,
-                    "cosines": [round(float(c), 6) for c in self.cosines[layer, head]],
+                    "layer": layer, "head": head, "weighted_cosine": _number(w),
+                    "cosines": [_number(round(float(c), 6)) for c in self.cosines[layer, head]],
                     "singular_values": [float(f"{float(s):.6g}") for s in self.singular_values[layer, head]],
-                    "symmetric_fraction": float(self.symmetric_fractions[layer, head]),
+                    "symmetric_fraction": _number(float(self.symmetric_fractions[layer, head])),
                     "null_threshold": hi, "null_band": [lo, hi],
                     "above_null": w > hi, "below_null": w < lo,
                     "near_degenerate_modes": [int(k) for k in torch.nonzero(self.degenerate[layer, head]).flatten()],
+                    "n_defined_modes": int(self.head_ranks[layer, head]),
+                    "rank0": bool(self.head_ranks[layer, head] == 0),
                 })
         return {
             **self.meta,
-            "format": "qkdissect-atlas",
+            "format": ATLAS_FORMAT,
             "format_version": FORMAT_VERSION,
             "null": self.null.to_dict(),
             "degeneracy_tolerance": self.gap_tol,
+            "undefined_tolerance": self.undefined_tolerance,
+            "rank0_heads": [list(pair) for pair in self.rank0_heads()],
             "heads": heads,
-            "layers": self.layer_summary(),
+            "layers": [{k: _number(v) for k, v in row.items()} for row in self.layer_summary()],
         }
 
     def save(self, directory: str | os.PathLike, *, extra: Callable[[Path], Any] | None = None) -> Path:
         """Write ``atlas.safetensors`` and ``atlas.json`` into ``directory`` (created; a previous atlas there is
         replaced, any other non-empty folder refused: see :mod:`qkdissect.outputs`). ``extra(folder)`` may write
         more files (figures) into the same output before the index is written."""
+        from qkdissect.formats import validated
+        from qkdissect.formats.atlas import AtlasDocument
         from qkdissect.outputs import OutputFolder
 
+        document = self.to_json()
+        validated(AtlasDocument, document, Path(directory) / "atlas.json", "this atlas cannot be saved")
         with OutputFolder(directory, ATLAS_FORMAT, "atlas.json").claim(replace=True) as folder:
             self.write_tensors(folder.staging / "atlas.safetensors")
             if extra is not None:
                 extra(folder.staging)
-            folder.finish(self.to_json())
+            folder.finish(document)
         return Path(directory)
 
     def write_tensors(self, path: str | os.PathLike) -> Path:
@@ -257,32 +293,33 @@ class ModeAtlas:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "ModeAtlas":
-        """Read an atlas written by :meth:`save`; QKDissectError for a missing or corrupt one."""
+        """Read an atlas written by :meth:`save`; one QKDissectError naming the file and the field for a missing,
+        corrupt or inconsistent one (schema: :mod:`qkdissect.formats.atlas`)."""
+        from qkdissect.formats import read_document
+        from qkdissect.formats.atlas import AtlasDocument, check_atlas_tensors
+
         directory = Path(directory)
         json_path, tensor_path = directory / "atlas.json", directory / "atlas.safetensors"
         remedy = "create one with `qkdissect dissect MODEL --out DIR`"
         if not tensor_path.is_file():
             raise QKDissectError(f"{tensor_path} not found: {directory} is not an atlas folder. {remedy[0].upper()}{remedy[1:]}.")
-        document = read_json_document(json_path, missing=f"{directory} is not an atlas folder", remedy=remedy,
-                                      kind="qkdissect-atlas", max_version=FORMAT_VERSION)
+        document, checked = read_document(json_path, AtlasDocument, missing=f"{directory} is not an atlas folder",
+                                          remedy=remedy, kind=ATLAS_FORMAT, max_version=FORMAT_VERSION)
         try:
             from safetensors.torch import load_file
 
             tensors = load_file(str(tensor_path))
         except Exception as error:  # noqa: BLE001
             raise QKDissectError(f"{tensor_path} is corrupt ({type(error).__name__}); re-run `qkdissect dissect`.") from None
-        layers = []
-        for index in range(int(document["n_layers"])):
-            try:
-                layers.append(LayerModes(*(tensors[f"layers.{index}.{n}"] for n in ("U", "S", "V", "key_bias")),
-                                         tensors.get(f"layers.{index}.ln_weight"),
-                                         tensors.get(f"layers.{index}.ln_bias")))
-            except KeyError as error:
-                raise QKDissectError(f"{tensor_path} lacks {error.args[0]}; the atlas is incomplete.") from None
-        meta = {k: v for k, v in document.items()
-                if k not in ("heads", "layers", "null", "format", "format_version", "degeneracy_tolerance", "files")}
-        return cls(meta=meta, layers=tuple(layers), null=NullReference.from_dict(document["null"]),
-                   gap_tol=float(document.get("degeneracy_tolerance", 1e-3)))
+        check_atlas_tensors(tensor_path, checked, tensors)
+        layers = tuple(LayerModes(*(tensors[f"layers.{index}.{n}"] for n in ("U", "S", "V", "key_bias")),
+                                  tensors.get(f"layers.{index}.ln_weight"), tensors.get(f"layers.{index}.ln_bias"))
+                       for index in range(checked.n_layers))
+        meta = {k: v for k, v in document.items() if k not in ("heads", "layers", "null", "format", "format_version",
+                                                                "degeneracy_tolerance", "undefined_tolerance",
+                                                                "rank0_heads", "files")}
+        return cls(meta=meta, layers=layers, null=NullReference.from_dict(checked.null.model_dump()),
+                   gap_tol=checked.degeneracy_tolerance, undefined_tol=checked.undefined_tolerance)
 
 
 def _stacked(layers: list[AttentionLayer]) -> Iterable[tuple[list[int], Tensor, Tensor]]:

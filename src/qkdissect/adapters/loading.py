@@ -22,6 +22,7 @@ from torch import nn
 from qkdissect.adapters.base import ModelAdapter, Preprocessing
 from qkdissect.adapters.registry import get_adapter
 from qkdissect.errors import QKDissectError
+from qkdissect.weights import check_finite_weights, check_loading_info
 
 __all__ = ["LoadedModel", "load_model", "load_state_dict", "register_builtin", "builtin_models", "wrap_model"]
 
@@ -65,6 +66,7 @@ def wrap_model(model: nn.Module | LoadedModel, spec: str | None = None) -> Loade
         return model
     adapter = get_adapter(model)
     model.eval()
+    check_finite_weights(model, adapter)
     return LoadedModel(model=model, adapter=adapter, spec=spec or f"module:{type(model).__name__}")
 
 
@@ -166,12 +168,14 @@ def _hf_model(path_or_id: str, checkpoint: str | None, random_init: bool) -> tup
 
             cls = CLIPVisionModel
             config = config.vision_config
+        info = None
         if random_init or checkpoint is not None:
             model = cls.from_config(config)
         elif model_type == "clip":
-            model = cls.from_pretrained(path_or_id)
+            model, info = cls.from_pretrained(path_or_id, output_loading_info=True)
         else:
-            model = cls.from_pretrained(path_or_id, config=config)
+            model, info = cls.from_pretrained(path_or_id, config=config, output_loading_info=True)
+        check_loading_info(info, path_or_id)
     except QKDissectError:
         raise
     except Exception as error:  # noqa: BLE001
@@ -198,7 +202,7 @@ def _hf_model(path_or_id: str, checkpoint: str | None, random_init: bool) -> tup
 
 
 def load_model(
-    spec: str, checkpoint: str | os.PathLike | None = None, *, random_init: bool = False, **timm_kwargs: Any
+    spec: str | nn.Module, checkpoint: str | os.PathLike | None = None, *, random_init: bool = False, **timm_kwargs: Any
 ) -> LoadedModel:
     """Load a model by spec (see module docstring) and find its adapter.
 
@@ -208,6 +212,15 @@ def load_model(
     checkpoint, or an unsupported family.
     """
     checkpoint = None if checkpoint is None else str(checkpoint)
+    if isinstance(spec, (nn.Module, LoadedModel)):  # a model object, as `dissect` accepts
+        if random_init:
+            raise QKDissectError("--random-init needs a model spec, not a model object.")
+        if checkpoint is None:
+            return wrap_model(spec)
+        load_state_dict(spec.model if isinstance(spec, LoadedModel) else spec, checkpoint)
+        wrapped = wrap_model(spec)
+        check_finite_weights(wrapped.model, wrapped.adapter)
+        return LoadedModel(wrapped.model, wrapped.adapter, wrapped.spec, checkpoint, wrapped.info)
     spec = str(spec)
     processor: dict = {}
     tokenizer = None
@@ -227,6 +240,7 @@ def load_model(
             loaded = loader()
         if checkpoint is not None:
             load_state_dict(loaded.model, checkpoint)
+            check_finite_weights(loaded.model, loaded.adapter)
             loaded = LoadedModel(loaded.model, loaded.adapter, spec, checkpoint, loaded.info)
         return loaded
     if spec.startswith("timm:"):
@@ -274,5 +288,6 @@ def load_model(
         adapter.processor_config = processor
     if tokenizer is not None and hasattr(adapter, "tokenizer"):
         adapter.tokenizer = tokenizer
+    check_finite_weights(model, adapter)
     return LoadedModel(model=model, adapter=adapter, spec=spec, checkpoint=checkpoint,
                        info={"random_init": bool(random_init)})

@@ -124,6 +124,10 @@ def generate_oddoneout(out: str | os.PathLike, n: int, hw: tuple[int, int] = (22
                     "size": [int(hw[0]), int(hw[1])], "objects": [int(low), int(high)], "noise": float(noise),
                     "radius": radius, "n": int(n), "features": dict(sorted(features.items())),
                     "mask_encoding": "8-bit grey PNG, 255 = object pixel", "images": entries}
+        from qkdissect.formats import validated
+        from qkdissect.formats.synthetic import OddOneOutManifest
+
+        validated(OddOneOutManifest, manifest, Path(out) / MANIFEST, "this data set cannot be written")
         folder.finish(manifest)  # written last: a manifest means the set is complete
     return {**manifest, "files": read_manifest_files(out)}
 
@@ -136,16 +140,24 @@ def read_manifest_files(root: str | os.PathLike) -> list[str]:
 
 
 def _read_manifest(root: Path) -> dict[str, Any] | None:
+    """The validated manifest of a generated folder, None when there is none or it belongs to no qkdissect data
+    set (an O3 folder); one QKDissectError naming the field when it claims to be ours but is inconsistent."""
     import json
+
+    from qkdissect.formats import validated
+    from qkdissect.formats.synthetic import OddOneOutManifest
 
     path = root / MANIFEST
     if not path.is_file():
         return None
     try:
         document = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    return document if isinstance(document, dict) and document.get("format") == FORMAT else None
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        return None
+    validated(OddOneOutManifest, document, path, "generate the data set again with `qkdissect oddoneout`")
+    return document
 
 
 # ----- reading -----------------------------------------------------------------------------------------

@@ -178,20 +178,24 @@ def run_maps(ctx: ViewContext, out: str | os.PathLike, *, layer: int, head: int,
 
 
 def load_maps(directory: str | os.PathLike) -> MapsResult:
-    """Read a folder written by ``qkdissect maps`` / :func:`run_maps`."""
+    """Read a folder written by ``qkdissect maps`` / :func:`run_maps`; one QKDissectError naming the file and the
+    field (or tensor) when it is incomplete or inconsistent (schema: :mod:`qkdissect.formats.views`)."""
     from safetensors.torch import load_file
 
+    from qkdissect.formats import check_shapes
+    from qkdissect.formats.views import MapsDocument, maps_tensor_shapes
+
     directory = Path(directory)
-    document = read_view_document(directory / "maps.json", MAPS_FORMAT, "maps")
+    document, checked = read_view_document(directory / "maps.json", MAPS_FORMAT, "maps", MapsDocument)
     items = []
-    for entry in document["items"]:
-        path = directory / entry["tensors"]
+    for entry, record in zip(document["items"], checked.items):
+        path = directory / record.tensors
         try:
             tensors = load_file(str(path))
         except Exception as error:  # noqa: BLE001 — missing or corrupt file
             raise QKDissectError(f"{path} is missing or corrupt ({type(error).__name__}); re-run `qkdissect maps`.") from None
-        items.append(MapsItem(entry["kind"], entry["source"], directory / entry["folder"], entry, tensors))
+        check_shapes(path, {k: tuple(v.shape) for k, v in tensors.items()}, maps_tensor_shapes(checked, record),
+                     remedy="re-run `qkdissect maps`")
+        items.append(MapsItem(record.kind, record.source, directory / record.folder, entry, tensors))
     meta = {k: v for k, v in document.items() if k not in ("items", "failed", "files")}
     return MapsResult(directory, meta, tuple(items), tuple(document.get("failed", [])))
-
-

@@ -131,14 +131,30 @@ def run_rank(ctx: ViewContext, out: str | os.PathLike, *, layers: Sequence[int],
 
 
 def load_rank(directory: str | os.PathLike) -> RankResult:
-    """Read a folder written by ``qkdissect rank`` / :func:`run_rank`."""
+    """Read a folder written by ``qkdissect rank`` / :func:`run_rank`; one QKDissectError naming the file and the
+    field (rank.csv: line and column) when it is incomplete or inconsistent (:mod:`qkdissect.formats.views`)."""
+    from qkdissect.formats import validated
+    from qkdissect.formats.views import RankDocument, RankRow
+
     directory = Path(directory)
-    document = read_view_document(directory / "rank.json", RANK_FORMAT, "rank")
+    document, _ = read_view_document(directory / "rank.json", RANK_FORMAT, "rank", RankDocument)
+    path = directory / "rank.csv"
     rows = []
-    with open(directory / "rank.csv", newline="") as handle:
-        for row in csv.DictReader(handle):
-            rows.append({k: (row[k] if k == "source" else int(row[k]) if k in ("layer", "head", "mode")
-                             else float(row[k])) for k in RANK_COLUMNS})
+    try:
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            if tuple(reader.fieldnames or ()) != RANK_COLUMNS:
+                raise QKDissectError(f"{path} has the columns {reader.fieldnames}, expected {list(RANK_COLUMNS)}; "
+                                     "re-run `qkdissect rank`.")
+            for line, row in enumerate(reader, start=2):
+                values = {k: (None if row[k] in ("", "nan") and k == "cosine" else row[k]) for k in RANK_COLUMNS}
+                checked = validated(RankRow, values, f"{path} line {line}", "re-run `qkdissect rank`")
+                rows.append({"source": row["source"], **checked.model_dump(include=set(RANK_COLUMNS))})
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise QKDissectError(f"{path} is missing or unreadable ({type(error).__name__}); re-run `qkdissect rank`.") \
+            from None
+    for row in rows:
+        if row["cosine"] is None:
+            row["cosine"] = float("nan")
     meta = {k: v for k, v in document.items() if k not in ("items", "failed", "files")}
     return RankResult(directory, meta, tuple(document["items"]), tuple(rows), tuple(document.get("failed", [])))
-
