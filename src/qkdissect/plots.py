@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -60,7 +61,9 @@ def plot_layer_similarity(atlas: ModeAtlas, path: str | os.PathLike) -> Path:
     rng = np.random.default_rng(0)
     jitter = rng.uniform(-0.15, 0.15, size=weighted.shape)
     ax.scatter(layers[:, None] + jitter, weighted, s=12, alpha=0.6, color="tab:blue", label="heads")
-    mean, std = weighted.mean(axis=1), weighted.std(axis=1)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():  # heads of rank 0 (NaN) are left out
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean, std = np.nanmean(weighted, axis=1), np.nanstd(weighted, axis=1)
     ax.fill_between(layers, mean - std, mean + std, color="tab:orange", alpha=0.25, lw=0)
     ax.plot(layers, mean, "-o", color="tab:orange", ms=4, label="mean ± std")
     ax.set_xlabel("layer")
@@ -75,12 +78,16 @@ def plot_mode_cosines(atlas: ModeAtlas, path: str | os.PathLike) -> Path:
     """Distribution of per-mode cosines u_k·v_k by layer (violins), null band shaded."""
     fig, ax = new_figure()
     cosines = atlas.cosines.double().numpy().reshape(atlas.n_layers, -1)
+    per_layer = [(layer, values[np.isfinite(values)]) for layer, values in enumerate(cosines)]
+    per_layer = [(layer, values) for layer, values in per_layer if values.size]  # undefined modes (NaN) left out
     lo, hi = atlas.null.cosine_band
     ax.axhspan(lo, hi, color=NULL_COLOR, alpha=0.5, lw=0, label=f"null ({atlas.null.percentile:g}% band)")
     ax.axhline(0, color="k", lw=0.6)
-    parts = ax.violinplot(list(cosines), positions=np.arange(atlas.n_layers), showmedians=True, widths=0.8)
-    for body in parts["bodies"]:
-        body.set_alpha(0.6)
+    if per_layer:
+        parts = ax.violinplot([values for _, values in per_layer], positions=[layer for layer, _ in per_layer],
+                              showmedians=True, widths=0.8)
+        for body in parts["bodies"]:
+            body.set_alpha(0.6)
     ax.set_xlabel("layer")
     ax.set_ylabel("per-mode cosine  u_k · v_k")
     _layer_ticks(ax, atlas.n_layers)

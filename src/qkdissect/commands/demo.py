@@ -76,7 +76,7 @@ def register(app: typer.Typer) -> None:
                                        progress=progress)
 
         _step(3, steps, "query/key maps of the most grouping head of layer 0")
-        head = int(atlas.weighted_cosines[0].argmax())
+        head = int(atlas.weighted_cosines[0].nan_to_num(float("-inf")).argmax())
         picked = sorted(world.glob("*.png"))[:3]
         context = prepare_view(loaded, atlas)
         with progress_reporter({"maps": f"maps (layer 0, head {head})"}) as progress:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from qkdissect.commands.common import console, err_console, guarded
@@ -26,11 +27,29 @@ def layer_table(rows: Sequence[dict[str, Any]], band: tuple[float, float], title
     table = Table(title=title, caption=f"null: Gaussian heads, {what} [{lo:+.3f}, {hi:+.3f}] of the weighted cosine")
     for column in ("layer", "mean C", "min C", "max C", "heads > null", "heads < null", "modes > null"):
         table.add_column(column, justify="right")
+    def cell(value: Any, spec: str) -> str:
+        return "—" if value is None or value != value else format(value, spec)  # NaN: nothing defined
+
     for row in rows:
-        table.add_row(str(row["layer"]), f"{row['mean_weighted_cosine']:+.3f}", f"{row['min_weighted_cosine']:+.3f}",
-                      f"{row['max_weighted_cosine']:+.3f}", f"{row['share_heads_above_null']:.0%}",
-                      f"{row['share_heads_below_null']:.0%}", f"{row['share_modes_above_null']:.0%}")
+        table.add_row(str(row["layer"]), cell(row["mean_weighted_cosine"], "+.3f"),
+                      cell(row["min_weighted_cosine"], "+.3f"), cell(row["max_weighted_cosine"], "+.3f"),
+                      cell(row["share_heads_above_null"], ".0%"), cell(row["share_heads_below_null"], ".0%"),
+                      cell(row["share_modes_above_null"], ".0%"))
     return table
+
+
+def undefined_note(atlas: ModeAtlas) -> str | None:
+    """The rank-0 heads and undefined modes of ``atlas`` in one sentence, or None when every mode is defined."""
+    rank0 = atlas.rank0_heads()
+    undefined = int((~atlas.defined).sum())
+    if not undefined:
+        return None
+    text = (f"{undefined} undefined mode(s) (σ_k ≤ {atlas.undefined_tolerance:.2g}·σ_1: no cosine, no map, left out "
+            "of the statistics)")
+    if rank0:
+        heads = ", ".join(f"layer {layer} head {head}" for layer, head in rank0[:12])
+        text += f"; {len(rank0)} head(s) of rank 0 (W_qᵀW_k = 0): {heads}" + (" …" if len(rank0) > 12 else "")
+    return text + "."
 
 
 def write_figures(atlas: ModeAtlas, out: Path) -> list[Path]:
@@ -78,6 +97,9 @@ def register(app: typer.Typer) -> None:
         figures = [out / "layer_similarity.png", out / "mode_cosines.png"]
         console.print(summary_table(atlas, f"{loaded.spec} — {loaded.family}, {atlas.n_layers} layers × "
                                            f"{atlas.n_heads} heads, d_model {atlas.d_model}, d_head {atlas.rank}"))
+        note = undefined_note(atlas)
+        if note:
+            console.print(f"[yellow]{escape(note)}[/]")
         degenerate = int(atlas.degenerate.sum())
         if degenerate:
             console.print(f"[yellow]{degenerate} pairs of near-degenerate singular values (relative gap < "

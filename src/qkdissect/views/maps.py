@@ -147,6 +147,13 @@ def run_maps(ctx: ViewContext, out: str | os.PathLike, *, layer: int, head: int,
     if signs not in ("both", "best"):
         raise QKDissectError(f"signs must be 'both' or 'best', got {signs!r}.")
     check_head(ctx.atlas, layer, head, modes)
+    undefined = [m for m in modes if not bool(ctx.atlas.defined[layer, head, m])]
+    if undefined:
+        n_defined = int(ctx.atlas.head_ranks[layer, head])
+        raise QKDissectError(f"modes {undefined} of layer {layer} head {head} are undefined (σ_k ≤ "
+                             f"{ctx.atlas.undefined_tolerance:.2g}·σ_1: their u_k, v_k are arbitrary), so they have "
+                             "no map; " + (f"choose among modes 0..{n_defined - 1}." if n_defined else
+                                           "this head has rank 0 (W_qᵀW_k = 0): choose another head."))
     from qkdissect.outputs import OutputFolder
 
     with OutputFolder(out, MAPS_FORMAT, "maps.json").claim(replace=True) as folder:

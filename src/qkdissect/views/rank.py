@@ -46,7 +46,7 @@ RANK_COLUMNS = ("source", "layer", "head", "mode", "sigma", "cosine", "share", "
 
 
 def rank_rows(ctx: ViewContext, inputs: Any, layers: Sequence[int], token_mask: Tensor | None = None) -> list[list[dict]]:
-    """Per input in the batch, one row per (layer, head, mode) with its variance share (unsorted)."""
+    """Per input in the batch, one row per (layer, head, defined mode) with its variance share (unsorted)."""
     atlas = ctx.atlas
     captured = capture_attention_inputs(ctx.loaded, inputs, layers)
     per_input: list[list[dict]] = []
@@ -59,6 +59,8 @@ def rank_rows(ctx: ViewContext, inputs: Any, layers: Sequence[int], token_mask: 
             variance = shares.logit_variance[b]
             for head in range(atlas.n_heads):
                 for mode in range(atlas.rank):
+                    if not bool(atlas.defined[layer, head, mode]):  # undefined modes are not ranked
+                        continue
                     share = float(shares.mode_shares[b, head, mode])
                     per_input[b].append({
                         "layer": layer, "head": head, "mode": mode, "sigma": float(sigma[head, mode]),
