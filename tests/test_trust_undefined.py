@@ -4,8 +4,8 @@ rank 0 (W_q = 0) is flagged in the atlas, the CLI table and the report (issue 14
 from __future__ import annotations
 
 import json
-import re
 import math
+import re
 
 import numpy as np
 import pytest

@@ -15,14 +15,13 @@ Folder written by :meth:`Comparison.save` (read with :func:`load_compare`)::
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from qkdissect.decomposition import ModeAtlas
 from qkdissect.errors import QKDissectError
-from qkdissect.files import library_versions, read_json_document
+from qkdissect.files import library_versions, read_json_document, timestamp
 from qkdissect.formats import finite_or_none
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "ComparedModel", "Comparison", "compare", "load_compare"]
@@ -129,7 +128,7 @@ def compare(atlases: Sequence[ModeAtlas | str | os.PathLike], labels: Sequence[s
     for index, item in enumerate(atlases):
         atlas, source = (item, "") if isinstance(item, ModeAtlas) else (ModeAtlas.load(item), str(item))
         models.append(ComparedModel.from_atlas(atlas, None if labels is None else labels[index], source))
-    return Comparison(models=tuple(models), meta={"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    return Comparison(models=tuple(models), meta={"created": timestamp(),
                                                   "versions": library_versions()})
 
 

@@ -29,7 +29,7 @@ from qkdissect.adapters.base import AttentionLayer
 from qkdissect.adapters.loading import LoadedModel, wrap_model
 from qkdissect.errors import QKDissectError
 from qkdissect.factored import factored_svd
-from qkdissect.files import atomic_write, library_versions
+from qkdissect.files import atomic_write, library_versions, timestamp
 from qkdissect.metrics import (
     NullReference,
     defined_modes,
@@ -288,8 +288,8 @@ class ModeAtlas:
                 value = getattr(layer, name)
                 if value is not None:
                     tensors[f"layers.{index}.{name}"] = value.detach().cpu().contiguous()
-        return atomic_write(path, lambda p: save_file(tensors, str(p), metadata={
-            "format": ATLAS_FORMAT, "format_version": str(FORMAT_VERSION)}))
+        # one metadata key: safetensors writes several in an arbitrary order, and a rerun must give the same bytes
+        return atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"format": ATLAS_FORMAT}))
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "ModeAtlas":
@@ -387,7 +387,7 @@ def dissect(
         "preprocessing": None if preprocessing is None else preprocessing.to_dict(),
         "dtype": str(dtype).removeprefix("torch."),
         "versions": library_versions(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "created": timestamp(),
         "decomposition_seconds": round(time.perf_counter() - started, 4),
         "info": loaded.info,
     }

@@ -37,6 +37,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 from qkdissect.errors import QKDissectError
+from qkdissect.progress import kill_point
 
 __all__ = ["JOURNAL", "STAGING", "OutputFolder", "check_out", "output_files", "write_output"]
 
@@ -90,7 +91,7 @@ class OutputFolder:
         self.noun = noun or format.removeprefix("qkdissect-")
         self.owned: set[str] = set()
         self.finished = False
-        self._claimed = False
+        self._claimed = self._created = False
 
     # ----- paths --------------------------------------------------------------------------------------------
     @property
@@ -165,6 +166,7 @@ class OutputFolder:
     def claim(self, *, replace: bool = True, resume: bool = False, flag: str | None = None) -> "OutputFolder":
         """:meth:`check`, then create ``out`` and an empty staging folder (``resume``: keep what it holds)."""
         self.check(replace=replace, flag=flag)
+        self._created = not self.out.exists()
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             if self.staging.is_dir() and not resume:
@@ -213,12 +215,14 @@ class OutputFolder:
         try:
             self._write_journal(self.owned | set(new))
             (out / self.index).unlink(missing_ok=True)
-            for relative in new:
+            for moved, relative in enumerate(new, start=1):
                 target = out / relative
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(self.staging / relative, target)
+                kill_point(f"move:{self.format}", moved)
             for relative in sorted(self.owned - set(new) - {self.index}):
                 _remove_file(out, relative)
+            kill_point(f"index:{self.format}", 0)
             tmp = self.staging / (self.index.replace("/", "_") + ".tmp")
             tmp.write_text(json.dumps({**document, "format": self.format, "files": new}, indent=1, default=str))
             os.replace(tmp, out / self.index)
@@ -241,6 +245,8 @@ class OutputFolder:
                     shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         else:
             shutil.rmtree(self.staging, ignore_errors=True)
+            if self._created and self.out.is_dir() and not any(self.out.iterdir()):
+                self.out.rmdir()  # this run made the folder and leaves nothing in it
 
     def __enter__(self) -> "OutputFolder":
         return self

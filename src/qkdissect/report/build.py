@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 from markupsafe import Markup
 
 from qkdissect.decomposition import ModeAtlas
-from qkdissect.files import library_versions
+from qkdissect.files import library_versions, timestamp
 from qkdissect.outputs import JOURNAL, OutputFolder
 from qkdissect.progress import ProgressFn, report
 from qkdissect.report.assets import environment, png_size
@@ -91,7 +91,7 @@ def build_report(
             "n_files": len(files) + 1, "bytes": sum(p.stat().st_size for p in files),
             "warnings": _warnings(inputs, atlas),
             "build_seconds": round(time.perf_counter() - started, 3),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": library_versions(),
+            "created": timestamp(), "versions": library_versions(),
         }
         from qkdissect.formats import validated
         from qkdissect.formats.report import ReportDocument
@@ -161,7 +161,7 @@ def _write_pages(tmp: Path, atlas: ModeAtlas, atlas_dir: str | None, inputs: _In
     env = environment()
     tables = AtlasTables(atlas)
     common = {"model_id": str(atlas.meta.get("model", "?")), "version": library_versions()["qkdissect"],
-              "created": time.strftime("%Y-%m-%d %H:%M"), "sections": sections, "null": atlas.null,
+              "created": timestamp("%Y-%m-%d %H:%M"), "sections": sections, "null": atlas.null,
               "shape": {"n_layers": atlas.n_layers, "n_heads": atlas.n_heads, "d_head": atlas.rank}}
     images = tmp / "img"
     figures = []

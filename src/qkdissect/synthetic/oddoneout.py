@@ -36,6 +36,7 @@ with [s_i, e_i) the source rows that patch row i covers (same for columns). Quer
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -98,6 +99,13 @@ def generate_oddoneout(out: str | os.PathLike, n: int, hw: tuple[int, int] = (22
     low, high = (objects, objects) if isinstance(objects, int) else objects
     if low < 2 or high < low:
         raise QKDissectError(f"objects must be ≥ 2 (a target and at least one distractor), got {objects}.")
+    largest = 1.6 * (radius if radius is not None else min(hw) / 14)  # a "size" target is 1.6 × the radius
+    if radius is not None and (not math.isfinite(radius) or radius <= 0 or 2 * (largest + 1) >= min(hw)):
+        raise QKDissectError(f"--radius {radius:g} px does not fit {hw[0]}×{hw[1]} px images (a larger target has "
+                             f"1.6 × the radius); use a radius in (0, {(min(hw) / 2 - 1) / 1.6:.1f}] px, smaller "
+                             "for many objects.")
+    if not (math.isfinite(noise) and noise >= 0):
+        raise QKDissectError(f"--noise must be a finite number ≥ 0, got {noise:g}.")
     from qkdissect.outputs import OutputFolder
 
     with OutputFolder(out, FORMAT, MANIFEST, noun="odd-one-out data set").claim(replace=overwrite,
