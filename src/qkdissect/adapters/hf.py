@@ -171,7 +171,7 @@ class _HFAdapter(ModelAdapter):
 
     @contextlib.contextmanager
     def eager_attention(self) -> Iterator[list[list[Tensor]]]:
-        configs = [self.config] + [m.config for m in self.backbone.modules() if hasattr(m, "config")]
+        configs = [self.config] + [getattr(m, "config") for m in self.backbone.modules() if hasattr(m, "config")]
         saved = [getattr(c, "_attn_implementation", None) for c in configs]
         self._store = []
         try:
