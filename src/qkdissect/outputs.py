@@ -39,7 +39,7 @@ from typing import Any, Callable
 from qkdissect.errors import QKDissectError
 from qkdissect.progress import kill_point
 
-__all__ = ["JOURNAL", "STAGING", "OutputFolder", "check_out", "output_files", "write_output"]
+__all__ = ["JOURNAL", "STAGING", "OutputFolder", "check_out", "check_writable", "output_files", "write_output"]
 
 STAGING = ".qkdissect-tmp"
 JOURNAL = "owned.json"
@@ -109,16 +109,9 @@ class OutputFolder:
 
         ``replace``: a finished output of this format in ``out`` may be replaced (else refused, naming ``flag``).
         """
-        out = self.out
-        if out.exists() and not out.is_dir():
-            raise QKDissectError(f"--out {out} is a file; give a folder for the {self.noun}.")
-        if out.is_dir():
+        check_writable(self.out, self.noun)
+        if self.out.is_dir():
             self.owned = set(self._owned_files(replace, flag))
-        parent = out
-        while not parent.exists():
-            parent = parent.parent
-        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-            raise QKDissectError(f"--out {out}: {parent} is not writable; choose a folder you can write to.")
         return self
 
     def _owned_files(self, replace: bool, flag: str | None) -> list[str]:
@@ -254,6 +247,30 @@ class OutputFolder:
     def __exit__(self, kind, error, traceback) -> None:
         if not self.finished:
             self.discard()
+
+
+def check_writable(out: str | os.PathLike, noun: str = "output") -> None:
+    """QKDissectError when ``out`` is a file, or neither it nor its nearest existing parent folder is writable."""
+    out = Path(os.path.abspath(out))
+    if out.exists() and not out.is_dir():
+        raise QKDissectError(f"--out {out} is a file; give a folder for the {noun}.")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise QKDissectError(f"--out {out}: {parent} is a file; give a folder for the {noun}.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise QKDissectError(f"--out {out}: {parent} is not writable; choose a folder you can write to.")
+    if not out.exists():
+        probe = out
+        while probe.parent != parent:
+            probe = probe.parent
+        try:  # os.access cannot see read-only mounts (or anything, for root): try it
+            probe.mkdir()
+            probe.rmdir()
+        except OSError as error:
+            raise QKDissectError(f"--out {out} cannot be created ({error.strerror or error}); choose a folder you "
+                                 "can write to.") from None
 
 
 def _remove_file(out: Path, relative: str) -> None:

@@ -185,7 +185,9 @@ def register(app: typer.Typer) -> None:
         from qkdissect import load_model
         from qkdissect.decomposition import ModeAtlas
         from qkdissect.mining import mine as run_mine
+        from qkdissect.outputs import check_writable
 
+        check_writable(out, "mining run")
         is_main = int(os.environ.get("RANK", "0")) == 0
         if random_init:
             torch.manual_seed(seed)
