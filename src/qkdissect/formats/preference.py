@@ -34,7 +34,7 @@ class PreferenceDocument(Document):
     n_heads: PositiveInt
     layers_analysed: list[NonNegativeInt] = Field(min_length=1)
     sources: list[str] = Field(min_length=1)
-    names: list[str] = []
+    names: list[str]
     problems: list[ProblemRecord] = []
     skipped: dict[str, NonNegativeInt] = {}
     patch_grid: tuple[PositiveInt, PositiveInt]
