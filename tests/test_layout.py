@@ -23,7 +23,7 @@ FLOORS = {
     1: ("qkdissect.metrics", "qkdissect.weights", "qkdissect.adapters", "qkdissect.decomposition",
         "qkdissect.projection", "qkdissect.synthetic", "qkdissect.builtin"),
     2: ("qkdissect.comparison", "qkdissect.mining", "qkdissect.preference", "qkdissect.views", "qkdissect.report",
-        "qkdissect.dynamics", "qkdissect.survey"),
+        "qkdissect.dynamics", "qkdissect.model_survey"),
     3: ("qkdissect.commands", "qkdissect.cli", "qkdissect.__main__", "qkdissect.oddoneout", "qkdissect"),
 }
 FLOOR_NAMES = {0: "infrastructure", 1: "core", 2: "analyses", 3: "entry points"}

@@ -12,6 +12,7 @@ from rich.table import Table
 from qkdissect.commands.common import console, err_console, guarded
 
 if TYPE_CHECKING:
+    from qkdissect.comparison import DepthTrend
     from qkdissect.decomposition import ModeAtlas
 
 
@@ -50,6 +51,30 @@ def undefined_note(atlas: ModeAtlas) -> str | None:
         heads = ", ".join(f"layer {layer} head {head}" for layer, head in rank0[:12])
         text += f"; {len(rank0)} head(s) of rank 0 (W_qᵀW_k = 0): {heads}" + (" …" if len(rank0) > 12 else "")
     return text + "."
+
+
+def trend_rows(label: str, n_layers: int, n_heads: int, trend: DepthTrend) -> list[str]:
+    """The cells of one model in :func:`trend_table`."""
+    def signed(value: float) -> str:
+        return "—" if value != value else f"{value:+.3f}"  # NaN: undefined (one layer)
+
+    return [escape(label), f"{n_layers} × {n_heads}", signed(trend.early), signed(trend.late), signed(trend.slope),
+            "—" if trend.low != trend.low else f"[{trend.low:+.3f}, {trend.high:+.3f}]", trend.direction]
+
+
+def trend_table(rows: Sequence[list[str]], title: str = "early-vs-late trend", level: float = 0.95,
+                extra: Sequence[str] = ()) -> Table:
+    """Rich table of :func:`trend_rows` (plus ``extra`` columns): mean C over the first and last third of the
+    layers, the slope of the layer-mean C over relative depth and its bootstrap interval over heads."""
+    table = Table(title=title, caption=f"slope: least-squares slope of the layer-mean weighted cosine against "
+                                       f"relative depth; interval: central {level:.0%} of a bootstrap over heads; "
+                                       "rises / falls when the interval excludes 0")
+    for column in ("model", "layers × heads", "early C", "late C", "slope", f"{level:.0%} CI", "trend", *extra):
+        table.add_column(column, justify="left" if column in ("model", "trend", *extra) else "right",
+                         no_wrap=column not in ("model", "layers × heads", *extra))
+    for row in rows:
+        table.add_row(*row)
+    return table
 
 
 def write_figures(atlas: ModeAtlas, out: Path) -> list[Path]:
@@ -125,4 +150,5 @@ def register(app: typer.Typer) -> None:
         figure, index = comparison.save(out)
         for model in comparison.models:
             console.print(layer_table(model.layers, model.band, model.label))
+        console.print(trend_table([trend_rows(m.label, m.n_layers, m.n_heads, m.trend()) for m in comparison.models]))
         console.print(f"wrote {figure} and {index}")
