@@ -268,3 +268,19 @@ def test_case9_demo_runs_twice_on_the_same_out(tmp_path):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "x.txt").write_text("x")
     refused(["demo", "--quick", "--out", tmp_path / "other"], tmp_path / "other", "no qkdissect manifest")
+
+
+def test_unexpected_tensors_of_the_models_own_kind_are_refused(tmp_path):
+    """A checkpoint with a 4th layer for a 3-layer config: its extra attention tensors are not silently dropped."""
+    import transformers as tf
+    from safetensors.torch import load_file, save_file
+
+    deeper = make_hf("bert", seed=1)
+    config = deeper.config.to_dict()
+    deeper_state = tf.BertModel(tf.BertConfig(**{**config, "num_hidden_layers": 4})).state_dict()
+    deeper.save_pretrained(tmp_path / "bert")
+    state = load_file(str(tmp_path / "bert" / "model.safetensors"))
+    state.update({k: v.contiguous() for k, v in deeper_state.items() if k.startswith("encoder.layer.3.")})
+    save_file(state, str(tmp_path / "bert" / "model.safetensors"), metadata={"format": "pt"})
+    refused(["dissect", tmp_path / "bert", "--out", tmp_path / "atlas"], tmp_path,
+            "encoder.layer.3.attention.self.key.bias")

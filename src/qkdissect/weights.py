@@ -4,7 +4,9 @@
   unexpected and mis-shaped keys) into one QKDissectError naming the tensors, instead of a warning and random
   weights. Missing parameters of modules that come after the encoder (pooler, classifier / task heads) are
   allowed: no qkdissect analysis reads them. Unexpected keys are an error when they name attention (query, key,
-  value) or normalisation tensors: the checkpoint then belongs to another architecture or depth.
+  value) or normalisation tensors of the model's own kind (the same name up to layer numbers, e.g. a 13th layer
+  ``encoder.layer.12.attention.self.query.weight``): the checkpoint then belongs to another depth or width.
+  Tensors of other parts (a CLIP text tower beside the vision tower, task heads) are ignored.
 * :func:`check_finite_weights` refuses NaN / Inf in W_q, W_k, their biases and the LayerNorm feeding attention,
   naming layer and head, and in any other parameter, naming it.
 """
@@ -35,16 +37,23 @@ def _unread(name: str) -> bool:
     return any(part in UNREAD_MODULES for part in name.split("."))
 
 
-def check_loading_info(info: dict[str, Any] | None, source: str) -> None:
+def _pattern(name: str) -> str:
+    return re.sub(r"\d+", "#", name)
+
+
+def check_loading_info(info: dict[str, Any] | None, source: str, model: nn.Module | None = None) -> None:
     """Raise one QKDissectError when a checkpoint did not provide every tensor qkdissect reads.
 
     ``info``: ``{"missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"}`` as returned by
-    transformers' ``from_pretrained(..., output_loading_info=True)``; ``source``: the checkpoint, for the message.
+    transformers' ``from_pretrained(..., output_loading_info=True)``; ``source``: the checkpoint, for the message;
+    ``model``: the loaded model (its parameter names tell its own unexpected tensors from other parts').
     """
     if not info:
         return
     missing = [k for k in info.get("missing_keys", ()) if not _unread(k)]
-    unexpected = [k for k in info.get("unexpected_keys", ()) if _ATTENTION_OR_NORM.search(k) and not _unread(k)]
+    own = {_pattern(name) for name in model.state_dict()} if model is not None else None
+    unexpected = [k for k in info.get("unexpected_keys", ()) if _ATTENTION_OR_NORM.search(k) and not _unread(k)
+                  and (own is None or _pattern(k) in own)]
     mismatched = [k if isinstance(k, str) else str(k[0]) for k in info.get("mismatched_keys", ())]
     errors = [str(e) for e in info.get("error_msgs", ()) if e]
     parts = []

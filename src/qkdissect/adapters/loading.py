@@ -248,7 +248,7 @@ def _hf_model(path_or_id: str, checkpoint: str | None, random_init: bool,
                 model, info = cls.from_pretrained(path_or_id, output_loading_info=True, **hub)
             else:
                 model, info = cls.from_pretrained(path_or_id, config=config, output_loading_info=True, **hub)
-        check_loading_info(info, path_or_id)
+        check_loading_info(info, path_or_id, model)
     except QKDissectError:
         raise
     except Exception as error:  # noqa: BLE001
