@@ -216,13 +216,8 @@ def load_compare(folder: str | os.PathLike) -> Comparison:
     if document.get("format") != FORMAT:
         raise QKDissectError(f"{path} is not a readable `qkdissect compare` result (format "
                              f"{document.get('format')!r}, expected {FORMAT!r}); {remedy}.")
-    try:
-        document, checked = read_document(path, CompareDocument, missing=f"{folder} is not a `qkdissect compare` "
-                                          "folder", remedy=remedy, max_version=FORMAT_VERSION)
-    except QKDissectError as error:
-        message = str(error).replace("is not a readable CompareDocument", "is not a readable `qkdissect compare` "
-                                                                          "result")
-        raise QKDissectError(message) from None
+    document, checked = read_document(path, CompareDocument, missing=f"{folder} is not a `qkdissect compare` folder",
+                                      remedy=remedy, max_version=FORMAT_VERSION)
     nan = float("nan")
     models = tuple(ComparedModel(
         label=entry.label, model=entry.model, family=entry.family, n_layers=entry.n_layers, n_heads=entry.n_heads,

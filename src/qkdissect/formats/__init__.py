@@ -59,7 +59,8 @@ def validated(model: type[M], document: Mapping[str, Any], path: str | os.PathLi
     try:
         return model.model_validate(document)
     except ValidationError as error:
-        raise QKDissectError(f"{path} is not a readable {model.__name__}: {_problem(error)}; {remedy}.") from None
+        what = getattr(model, "what", model.__name__)
+        raise QKDissectError(f"{path} is not a readable {what}: {_problem(error)}; {remedy}.") from None
 
 
 def read_document(path: str | os.PathLike, model: type[M], *, missing: str, remedy: str, kind: str | None = None,

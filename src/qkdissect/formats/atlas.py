@@ -10,7 +10,7 @@ Gaussian null reference), ``degeneracy_tolerance``, ``undefined_tolerance``, ``h
 from __future__ import annotations
 
 import os
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from pydantic import NonNegativeInt, PositiveInt, field_validator
 
@@ -49,6 +49,7 @@ class HeadRecord(Strict):
 
 class AtlasDocument(Document):
     """atlas.json."""
+    what: ClassVar[str] = "qkdissect atlas index"
 
     format: Literal["qkdissect-atlas"]
     format_version: PositiveInt

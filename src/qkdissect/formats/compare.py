@@ -7,7 +7,7 @@ d_model, d_head, ``null_band`` [lo, hi], ``weighted_cosines`` (n_layers × n_hea
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
 
@@ -52,6 +52,7 @@ class ComparedModelRecord(Strict):
 
 
 class CompareDocument(Document):
+    what: ClassVar[str] = "`qkdissect compare` result"
     format: Literal["qkdissect-compare"]
     format_version: PositiveInt
     models: list[ComparedModelRecord] = Field(min_length=1)

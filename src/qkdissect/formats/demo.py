@@ -3,7 +3,7 @@ file of each part (atlas, world, maps, mined, oddoneout, preference, report), ea
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import PositiveInt
 
@@ -15,6 +15,7 @@ DEMO_FORMAT, DEMO_INDEX = "qkdissect-demo", "demo.json"
 
 
 class DemoDocument(Document):
+    what: ClassVar[str] = "qkdissect demo index"
     format: Literal["qkdissect-demo"]
     format_version: PositiveInt
     model: str

@@ -8,7 +8,7 @@ results are read back name the blocks their readers need (:data:`REQUIRED`).
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 from pydantic import PositiveInt, model_validator
 
@@ -22,6 +22,7 @@ REQUIRED = {"icl": ("definitions", "variants", "summary", "findings", "figures")
 
 
 class DynamicsDocument(Document):
+    what: ClassVar[str] = "qkdissect dynamics result"
     format: Literal["qkdissect-dynamics"]
     format_version: PositiveInt
     command: str

@@ -10,7 +10,7 @@ lines.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, NonNegativeInt, PositiveInt
 
@@ -27,6 +27,7 @@ class BadImage(Strict):
 
 
 class MinedDocument(Document):
+    what: ClassVar[str] = "qkdissect mining index"
     format: Literal["qkdissect-mined"]
     format_version: PositiveInt
     model: str

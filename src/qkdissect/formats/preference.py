@@ -10,7 +10,7 @@ prefix (n, L, H, Q, S), {layer,head,prefix_layer,prefix_head}_{mean,lo,hi} of sh
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, NonNegativeInt, PositiveInt
 
@@ -29,6 +29,7 @@ class ProblemRecord(Strict):
 
 
 class PreferenceDocument(Document):
+    what: ClassVar[str] = "qkdissect preference index"
     format: Literal["qkdissect-preference"]
     format_version: PositiveInt
     n_heads: PositiveInt

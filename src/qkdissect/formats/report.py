@@ -6,7 +6,7 @@ warnings, build_seconds, created, versions, files (every other file of the repor
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from pydantic import NonNegativeInt, PositiveInt
 
@@ -18,6 +18,7 @@ REPORT_FORMAT, REPORT_VERSION = "qkdissect-report", 1
 
 
 class ReportDocument(Document):
+    what: ClassVar[str] = "qkdissect report manifest"
     format: Literal["qkdissect-report"]
     format_version: PositiveInt
     model: Optional[str] = None

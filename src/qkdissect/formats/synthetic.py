@@ -4,7 +4,7 @@ by ``synthetic.write_world_images``, version 1). The folder layouts are describe
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
 
@@ -32,6 +32,7 @@ class OddOneOutImage(Strict):
 
 
 class OddOneOutManifest(Document):
+    what: ClassVar[str] = "qkdissect odd-one-out manifest"
     format: Literal["qkdissect-oddoneout"]
     format_version: PositiveInt
     seed: int
@@ -59,6 +60,7 @@ class WorldImage(Strict):
 
 
 class WorldDocument(Document):
+    what: ClassVar[str] = "qkdissect world index"
     format: Literal["qkdissect-world"]
     version: PositiveInt
     seed: int

@@ -9,7 +9,7 @@ mode_shares (r,), bias_share and logit_variance ().
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
 
@@ -53,6 +53,7 @@ class MapsItemRecord(Strict):
 
 
 class MapsDocument(Document):
+    what: ClassVar[str] = "qkdissect maps index"
     format: Literal["qkdissect-maps"]
     format_version: PositiveInt
     model: str
@@ -92,6 +93,7 @@ def maps_tensor_shapes(document: MapsDocument, item: MapsItemRecord) -> dict[str
 
 class RankRow(Strict):
     """One row of rank.csv / of an item's ``top`` list."""
+    what: ClassVar[str] = "rank table row"
 
     layer: NonNegativeInt
     head: NonNegativeInt
@@ -112,6 +114,7 @@ class RankItem(Strict):
 
 
 class RankDocument(Document):
+    what: ClassVar[str] = "qkdissect rank index"
     format: Literal["qkdissect-rank"]
     format_version: PositiveInt
     model: str
