@@ -18,6 +18,7 @@ format-1 atlases are read unchanged.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, fields
 from functools import cached_property
@@ -28,10 +29,19 @@ import torch
 from torch import Tensor
 
 from qkdissect.errors import QKDissectError
-from qkdissect.files import atomic_write, read_json_document
+from qkdissect.files import atomic_write
 from qkdissect.forms import AttentionForm
 from qkdissect.forms.io import form_from_tensors, form_to_tensors
-from qkdissect.metrics import NullReference, mode_cosines, symmetric_fraction, weighted_cosine
+from qkdissect.metrics import (
+    NullReference,
+    defined_modes,
+    defined_weighted_cosine,
+    layer_statistics,
+    mode_cosines,
+    symmetric_fraction,
+    undefined_tolerance,
+    weighted_cosine,
+)
 
 __all__ = ["ATLAS_FORMAT", "FORMAT_VERSION", "HeadModes", "LayerModes", "ModeAtlas", "PositionalStats", "near_degenerate"]
 
@@ -117,6 +127,7 @@ class HeadModes:
     near_degenerate: tuple[int, ...]
     above_null: bool
     below_null: bool
+    n_defined: int = -1  # modes with σ_k > ε·σ_1 (the others have NaN cosines); 0: a head of rank 0
     form: str = "plain"
     positional: dict[str, Any] | None = None
 
@@ -124,6 +135,11 @@ class HeadModes:
     def M(self) -> Tensor:
         """The dense d_model × d_model matrix (for checks; never needed for analysis)."""
         return (self.U * self.S) @ self.V.T
+
+
+def _number(value: float) -> float | None:
+    """JSON has no NaN: an undefined statistic is written as null."""
+    return value if math.isfinite(value) else None
 
 
 def _padded(parts: list[Tensor], width: int) -> Tensor:
@@ -168,6 +184,10 @@ class ModeAtlas:
 
     ``meta`` is JSON-ready (model spec, family, shapes, scale, preprocessing, versions, ...).
     ``layer_nulls``: one null per layer when layers differ in shape (else ``null`` serves all).
+    ``undefined_tol``: ε of "mode k is undefined when σ_k ≤ ε·σ_1" (None: ``metrics.undefined_tolerance`` of the
+    atlas's dtype and d_model). Undefined modes have NaN cosines and are left out of every statistic; a head
+    without a defined mode (rank 0) has NaN weighted cosine and symmetric fraction. Heads a layer does not have
+    (Swin's early stages) are NaN in the stacked statistics and are no heads of rank 0.
     """
 
     meta: dict[str, Any]
@@ -175,6 +195,7 @@ class ModeAtlas:
     null: NullReference
     gap_tol: float = 1e-3
     layer_nulls: tuple[NullReference, ...] | None = None
+    undefined_tol: float | None = None
 
     # ----- shapes --------------------------------------------------------------------------
     @property
@@ -224,31 +245,59 @@ class ModeAtlas:
         return self.layers[layer].form
 
     # ----- statistics (derived, cached) ---------------------------------------------------------
+    @property
+    def undefined_tolerance(self) -> float:
+        """ε: mode k is undefined when σ_k ≤ ε·σ_1."""
+        if self.undefined_tol is not None:
+            return float(self.undefined_tol)
+        return undefined_tolerance(self.layers[0].S.dtype, max(self.d_models))
+
+    @cached_property
+    def present(self) -> Tensor:
+        """(layers, heads) bool: the head exists in its layer (False for the padding of narrower layers)."""
+        return ~torch.isnan(self.singular_values[..., 0])
+
+    @cached_property
+    def defined(self) -> Tensor:
+        """(layers, heads, r) bool: σ_k > ε·σ_1 (see :attr:`undefined_tolerance`)."""
+        return defined_modes(self.singular_values, self.undefined_tolerance)
+
+    @cached_property
+    def head_ranks(self) -> Tensor:
+        """(layers, heads) number of defined modes; 0 marks a head of rank 0 (W_qᵀW_k = 0)."""
+        return self.defined.sum(dim=-1)
+
+    def rank0_heads(self) -> list[tuple[int, int]]:
+        """(layer, head) of every head without a defined mode."""
+        return [tuple(int(i) for i in pair) for pair in torch.nonzero((self.head_ranks == 0) & self.present)]
+
     @cached_property
     def cosines(self) -> Tensor:
-        """Per-mode cosines u_k·v_k, (layers, heads, r)."""
-        return _padded([mode_cosines(layer.U, layer.V) for layer in self.layers], self.n_heads)
+        """Per-mode cosines u_k·v_k, (layers, heads, r); NaN for undefined modes and absent heads."""
+        raw = _padded([mode_cosines(layer.U, layer.V) for layer in self.layers], self.n_heads)
+        return torch.where(self.defined, raw, torch.full_like(raw, float("nan")))
 
     @cached_property
     def singular_values(self) -> Tensor:
-        """(layers, heads, r)."""
+        """(layers, heads, r); NaN for heads a layer does not have."""
         return _padded([layer.S for layer in self.layers], self.n_heads)
 
     @cached_property
     def weighted_cosines(self) -> Tensor:
-        """C_h = Σσcos/Σσ = tr(M)/‖M‖_*, (layers, heads); NaN for heads a layer does not have."""
-        weighted = weighted_cosine(self.singular_values, self.cosines)
-        return torch.where(torch.isnan(self.singular_values[..., 0]), float("nan"), weighted)
+        """C_h = Σσcos/Σσ = tr(M)/‖M‖_* over the defined modes, (layers, heads); NaN for a head of rank 0 (and for
+        heads a layer does not have)."""
+        return defined_weighted_cosine(self.singular_values, self.cosines, self.defined)
 
     @cached_property
     def symmetric_fractions(self) -> Tensor:
-        """‖M_s‖_F²/‖M‖_F², (layers, heads)."""
-        return _padded([symmetric_fraction(layer.U, layer.S, layer.V) for layer in self.layers], self.n_heads)
+        """‖M_s‖_F²/‖M‖_F², (layers, heads); NaN for a head of rank 0."""
+        values = _padded([symmetric_fraction(layer.U, layer.S, layer.V) for layer in self.layers], self.n_heads)
+        return torch.where(self.head_ranks > 0, values, torch.full_like(values, float("nan")))
 
     @cached_property
     def degenerate(self) -> Tensor:
-        """(layers, heads, r−1) mask of near-degenerate consecutive singular values."""
-        return near_degenerate(self.singular_values, self.gap_tol)
+        """(layers, heads, r−1) mask of near-degenerate consecutive defined singular values."""
+        return near_degenerate(self.singular_values, self.gap_tol) & self.defined[..., 1:]
 
     def head(self, layer: int, head: int) -> HeadModes:
         """The modes and statistics of one head."""
@@ -265,33 +314,20 @@ class ModeAtlas:
             key_bias=modes.key_bias[head], cosines=self.cosines[layer, head], weighted_cosine=weighted,
             symmetric_fraction=float(self.symmetric_fractions[layer, head]),
             near_degenerate=tuple(int(k) for k in torch.nonzero(self.degenerate[layer, head]).flatten()),
-            above_null=weighted > band[1], below_null=weighted < band[0],
+            above_null=weighted > band[1], below_null=weighted < band[0], n_defined=int(self.head_ranks[layer, head]),
             form="plain" if modes.form is None else modes.form.kind, positional=head_positional(modes, head),
         )
 
     def layer_summary(self) -> list[dict[str, Any]]:
         """Per layer: mean / std / min / max weighted cosine, shares of heads above/below the null,
-        share of modes above the cosine null, mean symmetric fraction."""
+        shares of modes above/below the cosine null, mean symmetric fraction — over the heads of rank > 0 and
+        the defined modes (NaN when a layer has none), against the layer's own null."""
         rows = []
         for index in range(self.n_layers):
             n = self.heads_in(index)
-            null = self.null_for(index)
-            lo, hi = null.weighted_band
-            c_lo, c_hi = null.cosine_band
-            w = self.weighted_cosines[index, :n].double()
-            cos = self.cosines[index, :n].double()
-            rows.append({
-                "layer": index,
-                "mean_weighted_cosine": float(w.mean()),
-                "std_weighted_cosine": float(w.std()) if w.numel() > 1 else 0.0,
-                "min_weighted_cosine": float(w.min()),
-                "max_weighted_cosine": float(w.max()),
-                "share_heads_above_null": float((w > hi).double().mean()),
-                "share_heads_below_null": float((w < lo).double().mean()),
-                "share_modes_above_null": float((cos > c_hi).double().mean()),
-                "share_modes_below_null": float((cos < c_lo).double().mean()),
-                "mean_symmetric_fraction": float(self.symmetric_fractions[index, :n].double().mean()),
-            })
+            rows.append({"layer": index, **layer_statistics(self.weighted_cosines[index, :n], self.cosines[index, :n],
+                                                            self.symmetric_fractions[index, :n],
+                                                            self.null_for(index))})
         return rows
 
     # ----- files ---------------------------------------------------------------------------------
@@ -303,13 +339,15 @@ class ModeAtlas:
             for head in range(self.heads_in(layer)):
                 w = float(self.weighted_cosines[layer, head])
                 entry = {
-                    "layer": layer, "head": head, "weighted_cosine": w,
-                    "cosines": [round(float(c), 6) for c in self.cosines[layer, head]],
+                    "layer": layer, "head": head, "weighted_cosine": _number(w),
+                    "cosines": [_number(round(float(c), 6)) for c in self.cosines[layer, head]],
                     "singular_values": [float(f"{float(s):.6g}") for s in self.singular_values[layer, head]],
-                    "symmetric_fraction": float(self.symmetric_fractions[layer, head]),
+                    "symmetric_fraction": _number(float(self.symmetric_fractions[layer, head])),
                     "null_threshold": hi, "null_band": [lo, hi],
                     "above_null": w > hi, "below_null": w < lo,
                     "near_degenerate_modes": [int(k) for k in torch.nonzero(self.degenerate[layer, head]).flatten()],
+                    "n_defined_modes": int(self.head_ranks[layer, head]),
+                    "rank0": bool(self.head_ranks[layer, head] == 0),
                 }
                 positional = head_positional(self.layers[layer], head)
                 if positional:
@@ -321,8 +359,10 @@ class ModeAtlas:
             "format_version": FORMAT_VERSION,
             "null": self.null.to_dict(),
             "degeneracy_tolerance": self.gap_tol,
+            "undefined_tolerance": self.undefined_tolerance,
+            "rank0_heads": [list(pair) for pair in self.rank0_heads()],
             "heads": heads,
-            "layers": self.layer_summary(),
+            "layers": [{k: _number(v) for k, v in row.items()} for row in self.layer_summary()],
             "layer_forms": [self._layer_form_json(i) for i in range(self.n_layers)],
         }
         if self.layer_nulls is not None:
@@ -349,13 +389,17 @@ class ModeAtlas:
         """Write ``atlas.safetensors`` and ``atlas.json`` into ``directory`` (created; a previous atlas there is
         replaced, any other non-empty folder refused: see :mod:`qkdissect.outputs`). ``extra(folder)`` may write
         more files (figures) into the same output before the index is written."""
+        from qkdissect.formats import validated
+        from qkdissect.formats.atlas import AtlasDocument
         from qkdissect.outputs import OutputFolder
 
+        document = self.to_json()
+        validated(AtlasDocument, document, Path(directory) / "atlas.json", "this atlas cannot be saved")
         with OutputFolder(directory, ATLAS_FORMAT, "atlas.json").claim(replace=True) as folder:
             self.write_tensors(folder.staging / "atlas.safetensors")
             if extra is not None:
                 extra(folder.staging)
-            folder.finish(self.to_json())
+            folder.finish(document)
         return Path(directory)
 
     def write_tensors(self, path: str | os.PathLike) -> Path:
@@ -376,33 +420,35 @@ class ModeAtlas:
                     value = getattr(layer.positional, field.name)
                     if value is not None:
                         tensors[f"layers.{index}.positional.{field.name}"] = value.detach().cpu().contiguous().clone()
-        return atomic_write(path, lambda p: save_file(tensors, str(p), metadata={
-            "format": ATLAS_FORMAT, "format_version": str(FORMAT_VERSION)}))
+        # one metadata key: safetensors writes several in an arbitrary order, and a rerun must give the same bytes
+        return atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"format": ATLAS_FORMAT}))
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "ModeAtlas":
-        """Read an atlas written by :meth:`save` (format 1 or 2); QKDissectError for a missing or corrupt one."""
+        """Read an atlas written by :meth:`save` (format 1 or 2); one QKDissectError naming the file and the field
+        for a missing, corrupt or inconsistent one (schema: :mod:`qkdissect.formats.atlas`)."""
+        from qkdissect.formats import read_document
+        from qkdissect.formats.atlas import AtlasDocument, check_atlas_tensors
+
         directory = Path(directory)
         json_path, tensor_path = directory / "atlas.json", directory / "atlas.safetensors"
         remedy = "create one with `qkdissect dissect MODEL --out DIR`"
         if not tensor_path.is_file():
             raise QKDissectError(f"{tensor_path} not found: {directory} is not an atlas folder. {remedy[0].upper()}{remedy[1:]}.")
-        document = read_json_document(json_path, missing=f"{directory} is not an atlas folder", remedy=remedy,
-                                      kind="qkdissect-atlas", max_version=FORMAT_VERSION)
+        document, checked = read_document(json_path, AtlasDocument, missing=f"{directory} is not an atlas folder",
+                                          remedy=remedy, kind=ATLAS_FORMAT, max_version=FORMAT_VERSION)
         try:
             from safetensors.torch import load_file
 
             tensors = load_file(str(tensor_path))
         except Exception as error:  # noqa: BLE001
             raise QKDissectError(f"{tensor_path} is corrupt ({type(error).__name__}); re-run `qkdissect dissect`.") from None
+        check_atlas_tensors(tensor_path, checked, tensors)
         forms_json = {int(entry["layer"]): entry for entry in document.get("layer_forms", [])}
         layers = []
-        for index in range(int(document["n_layers"])):
+        for index in range(checked.n_layers):
             prefix = f"layers.{index}"
-            try:
-                core = [tensors[f"{prefix}.{n}"] for n in ("U", "S", "V", "key_bias")]
-            except KeyError as error:
-                raise QKDissectError(f"{tensor_path} lacks {error.args[0]}; the atlas is incomplete.") from None
+            core = [tensors[f"{prefix}.{n}"] for n in ("U", "S", "V", "key_bias")]
             extra = {n: tensors.get(f"{prefix}.{n}") for n in _LAYER_TENSORS[4:]}
             entry = forms_json.get(index, {})
             form = form_from_tensors(tensors, f"{prefix}.form", entry["stored"]) if "stored" in entry else None
@@ -412,8 +458,8 @@ class ModeAtlas:
                                      else None))
         meta = {k: v for k, v in document.items()
                 if k not in ("heads", "layers", "null", "format", "format_version", "degeneracy_tolerance",
-                             "layer_forms", "layer_nulls", "files")}
+                             "undefined_tolerance", "rank0_heads", "layer_forms", "layer_nulls", "files")}
         layer_nulls = document.get("layer_nulls")
-        return cls(meta=meta, layers=tuple(layers), null=NullReference.from_dict(document["null"]),
-                   gap_tol=float(document.get("degeneracy_tolerance", 1e-3)),
+        return cls(meta=meta, layers=tuple(layers), null=NullReference.from_dict(checked.null.model_dump()),
+                   gap_tol=checked.degeneracy_tolerance, undefined_tol=checked.undefined_tolerance,
                    layer_nulls=None if layer_nulls is None else tuple(NullReference.from_dict(n) for n in layer_nulls))

@@ -10,23 +10,91 @@ Folder written by :meth:`Comparison.save` (read with :func:`load_compare`)::
                     "models": [{label, model, family, atlas, n_layers, n_heads, d_model, d_head, null_band,
                                 weighted_cosines (L, H), layers: atlas.layer_summary() rows}]}
     compare.png    mean C_h (± std over heads) against relative depth, dotted null bands
+
+:func:`depth_trend` summarises a model's early-vs-late trend: the least-squares slope of the layer-mean C_h against
+relative depth, with a bootstrap confidence interval over heads.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from qkdissect.decomposition import ModeAtlas
 from qkdissect.errors import QKDissectError
-from qkdissect.files import library_versions, read_json_document
+from qkdissect.files import library_versions, read_json_document, timestamp
+from qkdissect.formats import finite_or_none
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "ComparedModel", "Comparison", "compare", "load_compare"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "ComparedModel", "Comparison", "DepthTrend", "compare", "depth_trend",
+           "load_compare"]
 
 FORMAT, FORMAT_VERSION = "qkdissect-compare", 1
+
+
+@dataclass(frozen=True)
+class DepthTrend:
+    """Early-vs-late trend of one model's weighted cosine C_h over relative depth.
+
+    ``slope``: least-squares slope of the layer mean m_l = mean_h C_{l,h} against x_l = l / (L − 1)
+    (C per unit of relative depth: slope × 1 = the change from first to last layer along the fitted line);
+    ``low``/``high``: the central ``level`` percentile interval of the slope over ``samples`` bootstrap
+    resamplings of the heads (each layer's H heads drawn with replacement, independently per layer);
+    ``early``/``late``: mean C_h over the layers with x ≤ 1/3 and x ≥ 2/3. NaN where undefined (one layer).
+    """
+
+    slope: float
+    low: float
+    high: float
+    early: float
+    late: float
+    level: float
+    samples: int
+
+    @property
+    def direction(self) -> str:
+        """"rises" / "falls" when the interval excludes 0, else "flat" ("?" when undefined)."""
+        if not np.isfinite(self.slope):
+            return "?"
+        return "rises" if self.low > 0 else "falls" if self.high < 0 else "flat"
+
+    def to_json(self) -> dict[str, Any]:
+        return {name: (None if isinstance(value, float) and not np.isfinite(value) else value)
+                for name, value in vars(self).items()}
+
+
+def depth_trend(weighted: Sequence[Sequence[float]] | np.ndarray, *, samples: int = 2000, level: float = 0.95,
+                seed: int = 0) -> DepthTrend:
+    """Early-vs-late trend (see :class:`DepthTrend`) of weighted cosines ``weighted`` of shape (L, H).
+
+    slope = Σ_l (x_l − x̄)(m_l − m̄) / Σ_l (x_l − x̄)², x_l = l / (L − 1); the bootstrap is seeded (``seed``),
+    so the interval is reproducible.
+    """
+    values = np.asarray(weighted, dtype=float)
+    if values.ndim != 2 or values.shape[0] < 1 or values.shape[1] < 1:
+        raise QKDissectError(f"depth_trend needs weighted cosines of shape (layers, heads), got {values.shape}.")
+    if not np.isfinite(values).all():
+        raise QKDissectError("depth_trend: the weighted cosines hold NaN or Inf; re-run `qkdissect dissect`.")
+    if samples < 1 or not 0 < level < 1:
+        raise QKDissectError(f"depth_trend needs samples ≥ 1 and 0 < level < 1, got {samples} and {level}.")
+    n_layers, n_heads = values.shape
+    depth = np.arange(n_layers) / max(n_layers - 1, 1)
+    means = values.mean(axis=1)
+    early, late = (float(means[part].mean()) if part.any() else float("nan")
+                   for part in (depth <= 1 / 3, (depth >= 2 / 3) & (n_layers > 1)))
+    if n_layers < 2:
+        nan = float("nan")
+        return DepthTrend(nan, nan, nan, early, late, level, samples)
+    centred = depth - depth.mean()
+    weights = centred / (centred @ centred)
+    picks = np.random.default_rng(seed).integers(0, n_heads, size=(samples, n_layers, n_heads))
+    resampled = np.take_along_axis(values[None], picks, axis=2).mean(axis=2)  # (samples, L)
+    slopes = resampled @ weights
+    low, high = np.quantile(slopes, [(1 - level) / 2, (1 + level) / 2])
+    return DepthTrend(float(means @ weights), float(low), float(high), early, late, level, samples)
 
 
 @dataclass(frozen=True)
@@ -63,11 +131,17 @@ class ComparedModel:
     def relative_depth(self) -> tuple[float, ...]:
         return tuple(layer / max(self.n_layers - 1, 1) for layer in range(self.n_layers))
 
+    def trend(self, *, samples: int = 2000, level: float = 0.95, seed: int = 0) -> DepthTrend:
+        """This model's early-vs-late trend (:func:`depth_trend` of its per-head weighted cosines)."""
+        return depth_trend(self.weighted, samples=samples, level=level, seed=seed)
+
     def to_json(self) -> dict[str, Any]:
         return {"label": self.label, "model": self.model, "family": self.family, "atlas": self.atlas,
                 "n_layers": self.n_layers, "n_heads": self.n_heads, "d_model": self.d_model, "d_head": self.d_head,
-                "null_band": list(self.band), "weighted_cosines": [list(row) for row in self.weighted],
-                "layers": list(self.layers)}
+                "null_band": list(self.band),
+                "weighted_cosines": [[finite_or_none(v) for v in row] for row in self.weighted],
+                "layers": [{k: finite_or_none(v) if isinstance(v, float) else v for k, v in row.items()}
+                           for row in self.layers]}
 
     @classmethod
     def from_atlas(cls, atlas: ModeAtlas, label: str | None = None, source: str = "") -> "ComparedModel":
@@ -97,12 +171,18 @@ class Comparison:
 
         out = Path(out)
 
+        from qkdissect.formats import validated
+        from qkdissect.formats.compare import CompareDocument
+
+        document = self.to_json()
+        validated(CompareDocument, document, out / "compare.json", "this comparison cannot be saved")
+
         def write(folder: Path) -> dict[str, Any]:
             if figure:
                 from qkdissect.plots import plot_compare
 
                 plot_compare(self.models, [m.label for m in self.models], folder / "compare.png")
-            return self.to_json()
+            return document
 
         write_output(out, FORMAT, "compare.json", write)
         return [out / "compare.png", out / "compare.json"] if figure else [out / "compare.json"]
@@ -121,37 +201,30 @@ def compare(atlases: Sequence[ModeAtlas | str | os.PathLike], labels: Sequence[s
     for index, item in enumerate(atlases):
         atlas, source = (item, "") if isinstance(item, ModeAtlas) else (ModeAtlas.load(item), str(item))
         models.append(ComparedModel.from_atlas(atlas, None if labels is None else labels[index], source))
-    return Comparison(models=tuple(models), meta={"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    return Comparison(models=tuple(models), meta={"created": timestamp(),
                                                   "versions": library_versions()})
 
 
 def load_compare(folder: str | os.PathLike) -> Comparison:
-    """Read a folder written by :meth:`Comparison.save` (``qkdissect compare``); QKDissectError for anything else."""
+    """Read a folder written by :meth:`Comparison.save` (``qkdissect compare``); one QKDissectError naming the file
+    and the field for anything else (schema: :mod:`qkdissect.formats.compare`)."""
+    from qkdissect.formats import read_document
+    from qkdissect.formats.compare import CompareDocument
+
     path = Path(folder) / "compare.json"
     remedy = "re-run `qkdissect compare`"
     document = read_json_document(path, missing=f"{folder} is not a `qkdissect compare` folder", remedy=remedy)
     if document.get("format") != FORMAT:
         raise QKDissectError(f"{path} is not a readable `qkdissect compare` result (format "
                              f"{document.get('format')!r}, expected {FORMAT!r}); {remedy}.")
-    if int(document.get("format_version", -1)) > FORMAT_VERSION:
-        raise QKDissectError(f"{path} has format version {document.get('format_version')}, newer than this "
-                             f"qkdissect reads ({FORMAT_VERSION}); upgrade qkdissect.")
-    try:
-        models = tuple(ComparedModel(
-            label=str(entry["label"]), model=str(entry["model"]), family=str(entry["family"]),
-            n_layers=int(entry["n_layers"]), n_heads=int(entry["n_heads"]), d_model=int(entry["d_model"]),
-            d_head=int(entry["d_head"]), band=(float(entry["null_band"][0]), float(entry["null_band"][1])),
-            weighted=tuple(tuple(float(v) for v in row) for row in entry["weighted_cosines"]),
-            layers=tuple(dict(row) for row in entry["layers"]), atlas=str(entry.get("atlas", "")))
-            for entry in document["models"])
-        for model in models:
-            if len(model.layers) != model.n_layers or len(model.weighted) != model.n_layers:
-                raise ValueError(f"{model.label}: {len(model.layers)} layer rows for n_layers {model.n_layers}")
-            model.means, model.stds  # noqa: B018  (every row must carry its statistics)
-    except (ValueError, KeyError, TypeError, IndexError) as error:
-        raise QKDissectError(f"{path} is not a readable `qkdissect compare` result ({type(error).__name__}: "
-                             f"{error}); {remedy}.") from None
-    if not models:
-        raise QKDissectError(f"{path} lists no models; {remedy}.")
+    document, checked = read_document(path, CompareDocument, missing=f"{folder} is not a `qkdissect compare` folder",
+                                      remedy=remedy, max_version=FORMAT_VERSION)
+    nan = float("nan")
+    models = tuple(ComparedModel(
+        label=entry.label, model=entry.model, family=entry.family, n_layers=entry.n_layers, n_heads=entry.n_heads,
+        d_model=entry.d_model, d_head=entry.d_head, band=tuple(entry.null_band),
+        weighted=tuple(tuple(nan if v is None else v for v in row) for row in entry.weighted_cosines),
+        layers=tuple({k: nan if v is None else v for k, v in row.model_dump().items()} for row in entry.layers),
+        atlas=entry.atlas) for entry in checked.models)
     meta = {k: v for k, v in document.items() if k not in ("format", "format_version", "models", "files")}
     return Comparison(models=models, meta=meta)

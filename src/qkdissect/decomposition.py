@@ -40,7 +40,7 @@ from qkdissect.atlas import (
 )
 from qkdissect.errors import QKDissectError
 from qkdissect.factored import factored_svd
-from qkdissect.files import library_versions
+from qkdissect.files import library_versions, timestamp
 from qkdissect.forms.logits import fold_qk_norm
 from qkdissect.forms.rotary import expected_norm2, to_complex
 from qkdissect.metrics import gaussian_null
@@ -136,7 +136,7 @@ def dissect(
         "preprocessing": None if preprocessing is None else preprocessing.to_dict(),
         "dtype": str(dtype).removeprefix("torch."),
         "versions": library_versions(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "created": timestamp(),
         "decomposition_seconds": round(time.perf_counter() - started, 4),
         "info": loaded.info,
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -28,14 +29,18 @@ def new_figure(width: float = 7.0, height: float = 4.0):
 
 
 def save_figure(fig, path: str | os.PathLike) -> Path:
-    """Save ``fig`` as PNG (tight layout) and close it."""
+    """Save ``fig`` as PNG (tight layout) and close it; written to a temporary name and renamed, so a reader
+    never sees half a file."""
     import matplotlib.pyplot as plt
 
+    from qkdissect.files import atomic_write
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png"))
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -94,7 +99,9 @@ def plot_layer_similarity(atlas: ModeAtlas, path: str | os.PathLike) -> Path:
     rng = np.random.default_rng(0)
     jitter = rng.uniform(-0.15, 0.15, size=weighted.shape)
     ax.scatter(layers[:, None] + jitter, weighted, s=12, alpha=0.6, color="tab:blue", label="heads")
-    mean, std = np.nanmean(weighted, axis=1), np.nanstd(weighted, axis=1)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():  # heads of rank 0 (NaN) are left out
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean, std = np.nanmean(weighted, axis=1), np.nanstd(weighted, axis=1)
     ax.fill_between(layers, mean - std, mean + std, color="tab:orange", alpha=0.25, lw=0)
     ax.plot(layers, mean, "-o", color="tab:orange", ms=4, label="mean ± std")
     ax.set_xlabel("layer")
@@ -109,12 +116,15 @@ def plot_mode_cosines(atlas: ModeAtlas, path: str | os.PathLike) -> Path:
     """Distribution of per-mode cosines u_k·v_k by layer (violins), null band shaded."""
     fig, ax = new_figure()
     cosines = atlas.cosines.double().numpy().reshape(atlas.n_layers, -1)
+    per_layer = [(layer, values[np.isfinite(values)]) for layer, values in enumerate(cosines)]
+    per_layer = [(layer, values) for layer, values in per_layer if values.size]  # undefined modes (NaN) left out
     _null_band(ax, atlas, "cosine_band")
     ax.axhline(0, color="k", lw=0.6)
-    parts = ax.violinplot([row[~np.isnan(row)] for row in cosines], positions=np.arange(atlas.n_layers),
-                          showmedians=True, widths=0.8)
-    for body in parts["bodies"]:
-        body.set_alpha(0.6)
+    if per_layer:
+        parts = ax.violinplot([values for _, values in per_layer], positions=[layer for layer, _ in per_layer],
+                              showmedians=True, widths=0.8)
+        for body in parts["bodies"]:
+            body.set_alpha(0.6)
     ax.set_xlabel("layer")
     ax.set_ylabel("per-mode cosine  u_k · v_k")
     _layer_ticks(ax, atlas.n_layers)

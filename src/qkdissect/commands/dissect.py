@@ -6,11 +6,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from qkdissect.commands.common import console, err_console, guarded
 
 if TYPE_CHECKING:
+    from qkdissect.comparison import DepthTrend
     from qkdissect.decomposition import ModeAtlas
 
 
@@ -26,10 +28,52 @@ def layer_table(rows: Sequence[dict[str, Any]], band: tuple[float, float], title
     table = Table(title=title, caption=f"null: Gaussian heads, {what} [{lo:+.3f}, {hi:+.3f}] of the weighted cosine")
     for column in ("layer", "mean C", "min C", "max C", "heads > null", "heads < null", "modes > null"):
         table.add_column(column, justify="right")
+    def cell(value: Any, spec: str) -> str:
+        return "—" if value is None or value != value else format(value, spec)  # NaN: nothing defined
+
     for row in rows:
-        table.add_row(str(row["layer"]), f"{row['mean_weighted_cosine']:+.3f}", f"{row['min_weighted_cosine']:+.3f}",
-                      f"{row['max_weighted_cosine']:+.3f}", f"{row['share_heads_above_null']:.0%}",
-                      f"{row['share_heads_below_null']:.0%}", f"{row['share_modes_above_null']:.0%}")
+        table.add_row(str(row["layer"]), cell(row["mean_weighted_cosine"], "+.3f"),
+                      cell(row["min_weighted_cosine"], "+.3f"), cell(row["max_weighted_cosine"], "+.3f"),
+                      cell(row["share_heads_above_null"], ".0%"), cell(row["share_heads_below_null"], ".0%"),
+                      cell(row["share_modes_above_null"], ".0%"))
+    return table
+
+
+def undefined_note(atlas: ModeAtlas) -> str | None:
+    """The rank-0 heads and undefined modes of ``atlas`` in one sentence, or None when every mode is defined."""
+    rank0 = atlas.rank0_heads()
+    undefined = int((~atlas.defined).sum())
+    if not undefined:
+        return None
+    text = (f"{undefined} undefined mode(s) (σ_k ≤ {atlas.undefined_tolerance:.2g}·σ_1: no cosine, no map, left out "
+            "of the statistics)")
+    if rank0:
+        heads = ", ".join(f"layer {layer} head {head}" for layer, head in rank0[:12])
+        text += f"; {len(rank0)} head(s) of rank 0 (W_qᵀW_k = 0): {heads}" + (" …" if len(rank0) > 12 else "")
+    return text + "."
+
+
+def trend_rows(label: str, n_layers: int, n_heads: int, trend: DepthTrend) -> list[str]:
+    """The cells of one model in :func:`trend_table`."""
+    def signed(value: float) -> str:
+        return "—" if value != value else f"{value:+.3f}"  # NaN: undefined (one layer)
+
+    return [escape(label), f"{n_layers} × {n_heads}", signed(trend.early), signed(trend.late), signed(trend.slope),
+            "—" if trend.low != trend.low else f"[{trend.low:+.3f}, {trend.high:+.3f}]", trend.direction]
+
+
+def trend_table(rows: Sequence[list[str]], title: str = "early-vs-late trend", level: float = 0.95,
+                extra: Sequence[str] = ()) -> Table:
+    """Rich table of :func:`trend_rows` (plus ``extra`` columns): mean C over the first and last third of the
+    layers, the slope of the layer-mean C over relative depth and its bootstrap interval over heads."""
+    table = Table(title=title, caption=f"slope: least-squares slope of the layer-mean weighted cosine against "
+                                       f"relative depth; interval: central {level:.0%} of a bootstrap over heads; "
+                                       "rises / falls when the interval excludes 0")
+    for column in ("model", "layers × heads", "early C", "late C", "slope", f"{level:.0%} CI", "trend", *extra):
+        table.add_column(column, justify="left" if column in ("model", "trend", *extra) else "right",
+                         no_wrap=column not in ("model", "layers × heads", *extra))
+    for row in rows:
+        table.add_row(*row)
     return table
 
 
@@ -125,6 +169,9 @@ def register(app: typer.Typer) -> None:
             print_offsets(atlas, offset_files[0])
         console.print(summary_table(atlas, f"{loaded.spec} — {loaded.family}, {atlas.n_layers} layers × "
                                            f"{atlas.n_heads} heads, d_model {atlas.d_model}, d_head {atlas.rank}"))
+        note = undefined_note(atlas)
+        if note:
+            console.print(f"[yellow]{escape(note)}[/]")
         degenerate = int(atlas.degenerate.sum())
         if degenerate:
             console.print(f"[yellow]{degenerate} pairs of near-degenerate singular values (relative gap < "
@@ -150,4 +197,5 @@ def register(app: typer.Typer) -> None:
         figure, index = comparison.save(out)
         for model in comparison.models:
             console.print(layer_table(model.layers, model.band, model.label))
+        console.print(trend_table([trend_rows(m.label, m.n_layers, m.n_heads, m.trend()) for m in comparison.models]))
         console.print(f"wrote {figure} and {index}")

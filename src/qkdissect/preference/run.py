@@ -54,7 +54,7 @@ def run_preference(model: Any, data: str | os.PathLike | O3Folder, *, atlas=None
     """
     from qkdissect.adapters.loading import wrap_model
     from qkdissect.decomposition import dissect
-    from qkdissect.files import library_versions
+    from qkdissect.files import library_versions, timestamp
 
     started = time.perf_counter()
     loaded = wrap_model(model)
@@ -183,7 +183,7 @@ def run_preference(model: Any, data: str | os.PathLike | O3Folder, *, atlas=None
         "distractor_query_unavailable": dict(sorted(distractor_missing.items())),
         "agreement": {"max_abs_diff_modes_vs_measured": [float(d) for d in max_difference],
                       "what": "largest |a_modes − a_measured| over all attention entries of the query rows"},
-        "versions": library_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": library_versions(), "created": timestamp(),
         "seconds": round(time.perf_counter() - started, 2), "by_feature": by_feature, "images": images,
     }
     return PreferenceResult(meta=meta, layers=layers, sources=sources, names=tuple(names), shares=shares_all,

@@ -128,7 +128,7 @@ def spectrum_svg(S: Sequence[float], degenerate: Sequence[int] = ()) -> Markup:
 
 def cosine_range(cosines: Sequence[float], band: tuple[float, float]) -> tuple[float, float]:
     """Symmetric y range around 0 that holds every cosine and the null band, in steps of 0.1, ≤ 1."""
-    extent = max([abs(float(c)) for c in cosines] + [abs(band[0]), abs(band[1]), 0.05]) * 1.1
+    extent = max([abs(float(c)) for c in cosines if math.isfinite(float(c))] + [abs(band[0]), abs(band[1]), 0.05]) * 1.1
     extent = min(1.0, math.ceil(extent * 10 - 1e-9) / 10)
     return -extent, extent
 
@@ -136,7 +136,8 @@ def cosine_range(cosines: Sequence[float], band: tuple[float, float]) -> tuple[f
 def cosine_svg(cosines: Sequence[float], S: Sequence[float], band: tuple[float, float]) -> Markup:
     """Per-mode cosine u_k·v_k as dots against the null band (grey); dot area ∝ σ_k/σ_0.
 
-    Red: above the band, blue: below it, grey: inside. y range from :func:`cosine_range`.
+    Red: above the band, blue: below it, grey: inside. y range from :func:`cosine_range`. Undefined modes (NaN
+    cosine: σ_k ≤ ε·σ_1) get no dot.
     """
     cosines = [float(c) for c in cosines]
     S = [float(s) for s in S]
@@ -151,6 +152,8 @@ def cosine_svg(cosines: Sequence[float], S: Sequence[float], band: tuple[float, 
                  f'y2="{frame.y(0):.2f}"/>')
     s_max = max(S) if S and max(S) > 0 else 1.0
     for k, (cos, sigma) in enumerate(zip(cosines, S)):
+        if not math.isfinite(cos):
+            continue
         color, where = (ABOVE, "above") if cos > hi else (BELOW, "below") if cos < lo else (INSIDE, "inside")
         radius = 1.8 + 3.2 * math.sqrt(max(sigma, 0.0) / s_max)
         parts.append(f'<circle class="dot {where}" data-k="{k}" data-value="{cos:.6f}" cx="{frame.x(k):.2f}" '

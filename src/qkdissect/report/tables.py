@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from qkdissect.decomposition import ModeAtlas
@@ -27,7 +28,7 @@ class AtlasTables:
         self.degenerate = atlas.degenerate.tolist()
         self.band = tuple(atlas.null.weighted_band)
         self.cos_band = tuple(atlas.null.cosine_band)
-        extreme = max(abs(v) for row in self.C for v in row if v == v)  # NaN: heads a layer does not have
+        extreme = max([abs(v) for row in self.C for v in row if math.isfinite(v)] + [0.0])
         self.vmax = round_up(max(extreme, abs(self.band[0]), abs(self.band[1]), 1e-3))
 
     def page(self, layer: int, head: int, prefix: str = "") -> str:
@@ -38,6 +39,11 @@ class AtlasTables:
 
     def in_null(self, value: float) -> bool:
         return self.band[0] <= value <= self.band[1]
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
 
 
 def model_card(atlas: ModeAtlas, atlas_dir: str | None) -> tuple[list, list]:
@@ -96,7 +102,7 @@ def heat_rows(tables: AtlasTables) -> list[dict[str, Any]]:
             bg, fg = tables.color(value)
             cells.append({"head": head, "value": value, "bg": bg, "fg": fg, "in_null": tables.in_null(value),
                           "href": tables.page(layer, head, "heads/")})
-        mean = sum(tables.C[layer][:tables.heads[layer]]) / tables.heads[layer]
+        mean = _mean(tables.C[layer][:tables.heads[layer]])
         mean_bg, mean_fg = tables.color(mean)
         rows.append({"layer": layer, "cells": cells, "mean": mean, "mean_bg": mean_bg, "mean_fg": mean_fg})
     return rows
@@ -105,19 +111,24 @@ def heat_rows(tables: AtlasTables) -> list[dict[str, Any]]:
 def head_context(tables: AtlasTables, layer: int, head: int) -> dict[str, Any]:
     """Everything a head page shows, from the atlas tables (no tensors)."""
     S, cos, degenerate = tables.S[layer][head], tables.cos[layer][head], tables.degenerate[layer][head]
-    total = sum(S) or 1.0
+    defined = [math.isfinite(c) for c in cos]
+    total = sum(sigma for sigma, ok in zip(S, defined) if ok) or 1.0
     lo, hi = tables.cos_band
     flagged = {k for k, d in enumerate(degenerate) if d}
     modes, cumulative = [], 0.0
     for k, (sigma, c) in enumerate(zip(S, cos)):
-        cumulative += sigma / total
-        modes.append({"k": k, "sigma": sigma, "share": sigma / total, "cumulative": cumulative, "cos": c,
-                      "where": "above" if c > hi else "below" if c < lo else "inside",
+        share = sigma / total if defined[k] else 0.0
+        cumulative += share
+        modes.append({"k": k, "sigma": sigma, "share": share, "cumulative": cumulative, "cos": c,
+                      "where": "undefined" if not defined[k] else "above" if c > hi else "below" if c < lo
+                      else "inside",
                       "degenerate": k in flagged or (k - 1) in flagged,
                       "gap": (sigma - S[k + 1]) / (S[0] or 1.0) if k + 1 < len(S) else None})
     weighted = tables.C[layer][head]
     w_lo, w_hi = tables.band
-    verdict, verdict_class = (("above the null: attends to similar tokens", "above") if weighted > w_hi else
+    verdict, verdict_class = (("rank 0 (W_qᵀW_k = 0): no defined mode, left out of every statistic", "undefined")
+                              if not math.isfinite(weighted) else
+                              ("above the null: attends to similar tokens", "above") if weighted > w_hi else
                               ("below the null: attends to dissimilar tokens", "below") if weighted < w_lo else
                               ("inside the null band", ""))
     L, order = tables.L, tables.order
@@ -141,6 +152,7 @@ def head_context(tables: AtlasTables, layer: int, head: int) -> dict[str, Any]:
         "strip": strip, "weighted": weighted, "verdict": verdict, "verdict_class": verdict_class,
         "symmetric": tables.sym[layer][head], "sigma0": S[0], "stable_rank": sum(s * s for s in S) / (S[0] ** 2 or 1.0),
         "modes90": next((m["k"] + 1 for m in modes if m["cumulative"] >= 0.9 - 1e-12), len(modes)),
+        "n_defined": sum(defined), "rank0": not any(defined),
         "n_above": sum(m["where"] == "above" for m in modes), "n_below": sum(m["where"] == "below" for m in modes),
         "degenerate": [f"{k}–{k + 1}" for k in sorted(flagged)], "modes": modes,
         "spectrum_svg": spectrum_svg(S, sorted(flagged)), "cosine_svg": cosine_svg(cos, S, tables.cos_band),

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from qkdissect.adapters.loading import LoadedModel, wrap_model
 from qkdissect.errors import QKDissectError
-from qkdissect.files import atomic_write, read_json_document
+from qkdissect.files import atomic_write
 from qkdissect.projection import (
     capture_attention_inputs,
     key_bias_logits,
@@ -263,6 +263,9 @@ def save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
     atomic_write(path, lambda p: save_file(data, str(p)))
 
 
-def read_view_document(path: Path, expected: str, command: str) -> dict[str, Any]:
-    return read_json_document(path, missing=f"not a folder written by `qkdissect {command}`",
-                              remedy=f"re-run `qkdissect {command}`", kind=expected, max_version=FORMAT_VERSION)
+def read_view_document(path: Path, expected: str, command: str, schema: Any) -> tuple[dict[str, Any], Any]:
+    """(document, validated schema) of a maps.json / rank.json (see :mod:`qkdissect.formats.views`)."""
+    from qkdissect.formats import read_document
+
+    return read_document(path, schema, missing=f"not a folder written by `qkdissect {command}`",
+                         remedy=f"re-run `qkdissect {command}`", kind=expected, max_version=FORMAT_VERSION)

@@ -162,6 +162,13 @@ def run_maps(ctx: ViewContext, out: str | os.PathLike, *, layer: int, head: int,
     if signs not in ("both", "best"):
         raise QKDissectError(f"signs must be 'both' or 'best', got {signs!r}.")
     check_head(ctx.atlas, layer, head, modes)
+    undefined = [m for m in modes if not bool(ctx.atlas.defined[layer, head, m])]
+    if undefined:
+        n_defined = int(ctx.atlas.head_ranks[layer, head])
+        raise QKDissectError(f"modes {undefined} of layer {layer} head {head} are undefined (σ_k ≤ "
+                             f"{ctx.atlas.undefined_tolerance:.2g}·σ_1: their u_k, v_k are arbitrary), so they have "
+                             "no map; " + (f"choose among modes 0..{n_defined - 1}." if n_defined else
+                                           "this head has rank 0 (W_qᵀW_k = 0): choose another head."))
     from qkdissect.outputs import OutputFolder
 
     with OutputFolder(out, MAPS_FORMAT, "maps.json").claim(replace=True) as folder:
@@ -199,20 +206,24 @@ def run_maps(ctx: ViewContext, out: str | os.PathLike, *, layer: int, head: int,
 
 
 def load_maps(directory: str | os.PathLike) -> MapsResult:
-    """Read a folder written by ``qkdissect maps`` / :func:`run_maps`."""
+    """Read a folder written by ``qkdissect maps`` / :func:`run_maps`; one QKDissectError naming the file and the
+    field (or tensor) when it is incomplete or inconsistent (schema: :mod:`qkdissect.formats.views`)."""
     from safetensors.torch import load_file
 
+    from qkdissect.formats import check_shapes
+    from qkdissect.formats.views import MapsDocument, maps_tensor_shapes
+
     directory = Path(directory)
-    document = read_view_document(directory / "maps.json", MAPS_FORMAT, "maps")
+    document, checked = read_view_document(directory / "maps.json", MAPS_FORMAT, "maps", MapsDocument)
     items = []
-    for entry in document["items"]:
-        path = directory / entry["tensors"]
+    for entry, record in zip(document["items"], checked.items):
+        path = directory / record.tensors
         try:
             tensors = load_file(str(path))
         except Exception as error:  # noqa: BLE001 — missing or corrupt file
             raise QKDissectError(f"{path} is missing or corrupt ({type(error).__name__}); re-run `qkdissect maps`.") from None
-        items.append(MapsItem(entry["kind"], entry["source"], directory / entry["folder"], entry, tensors))
+        check_shapes(path, {k: tuple(v.shape) for k, v in tensors.items()}, maps_tensor_shapes(checked, record),
+                     remedy="re-run `qkdissect maps`")
+        items.append(MapsItem(record.kind, record.source, directory / record.folder, entry, tensors))
     meta = {k: v for k, v in document.items() if k not in ("items", "failed", "files")}
     return MapsResult(directory, meta, tuple(items), tuple(document.get("failed", [])))
-
-
