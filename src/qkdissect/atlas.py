@@ -444,22 +444,30 @@ class ModeAtlas:
         except Exception as error:  # noqa: BLE001
             raise QKDissectError(f"{tensor_path} is corrupt ({type(error).__name__}); re-run `qkdissect dissect`.") from None
         check_atlas_tensors(tensor_path, checked, tensors)
-        forms_json = {int(entry["layer"]): entry for entry in document.get("layer_forms", [])}
         layers = []
         for index in range(checked.n_layers):
             prefix = f"layers.{index}"
             core = [tensors[f"{prefix}.{n}"] for n in ("U", "S", "V", "key_bias")]
             extra = {n: tensors.get(f"{prefix}.{n}") for n in _LAYER_TENSORS[4:]}
-            entry = forms_json.get(index, {})
-            form = form_from_tensors(tensors, f"{prefix}.form", entry["stored"]) if "stored" in entry else None
+            entry = None if checked.layer_forms is None else checked.layer_forms[index]
+            form = None
+            if entry is not None and entry.stored is not None:
+                try:
+                    form = form_from_tensors(tensors, f"{prefix}.form", entry.stored.model_dump(exclude_none=True))
+                except QKDissectError as error:
+                    raise QKDissectError(f"{tensor_path}: layer {index}'s attention form: {error}") from None
+                if form.needs_head_space and (extra["G_q"] is None or extra["G_k"] is None):
+                    raise QKDissectError(f"{tensor_path} lacks layer {index}'s head-space factors G_q, G_k; "
+                                         "re-run `qkdissect dissect`.")
             stats = {f.name: tensors.get(f"{prefix}.positional.{f.name}") for f in fields(PositionalStats)}
-            layers.append(LayerModes(*core, **extra, form=form, scale=entry.get("scale"),
+            layers.append(LayerModes(*core, **extra, form=form, scale=None if entry is None else entry.scale,
                                      positional=PositionalStats(**stats) if any(v is not None for v in stats.values())
                                      else None))
         meta = {k: v for k, v in document.items()
                 if k not in ("heads", "layers", "null", "format", "format_version", "degeneracy_tolerance",
                              "undefined_tolerance", "rank0_heads", "layer_forms", "layer_nulls", "files")}
-        layer_nulls = document.get("layer_nulls")
+        layer_nulls = checked.layer_nulls
         return cls(meta=meta, layers=tuple(layers), null=NullReference.from_dict(checked.null.model_dump()),
                    gap_tol=checked.degeneracy_tolerance, undefined_tol=checked.undefined_tolerance,
-                   layer_nulls=None if layer_nulls is None else tuple(NullReference.from_dict(n) for n in layer_nulls))
+                   layer_nulls=None if layer_nulls is None else tuple(NullReference.from_dict(n.model_dump())
+                                                                      for n in layer_nulls))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from typing import ClassVar, Literal, Optional
 
-from pydantic import NonNegativeInt, PositiveInt, field_validator
+from pydantic import NonNegativeInt, PositiveInt, field_validator, model_validator
 
 from qkdissect.errors import QKDissectError
 from qkdissect.formats import Document, Strict, check_shapes
@@ -54,6 +54,61 @@ class HeadRecord(Strict):
     singular_values: list[float]
 
 
+class RotaryRecord(Strict):
+    layout: Literal["interleaved", "half"]
+    rotary_dim: PositiveInt
+    pairs: Literal["all", "causal"]
+    variable_length: bool
+    info: dict = {}
+
+
+class QKNormRecord(Strict):
+    kind: Literal["layer", "rms", "l2"]
+    eps: float
+
+    @field_validator("eps")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError("eps must be positive")
+        return value
+
+
+class WindowsRecord(Strict):
+    grid: tuple[PositiveInt, PositiveInt]
+    window: tuple[PositiveInt, PositiveInt]
+    shift: tuple[NonNegativeInt, NonNegativeInt]
+
+
+class BiasRecord(Strict):
+    info: dict = {}
+
+
+class StoredForm(Strict):
+    """The fields of an attention form that atlas.json stores next to its tensors (``forms.io``)."""
+
+    causal: bool = False
+    sliding_window: Optional[PositiveInt] = None
+    rotary: Optional[RotaryRecord] = None
+    qk_norm: Optional[QKNormRecord] = None
+    bias: Optional[BiasRecord] = None
+    windows: Optional[WindowsRecord] = None
+
+
+class LayerFormRecord(Strict):
+    layer: NonNegativeInt
+    kind: str
+    scale: float
+    stored: Optional[StoredForm] = None
+
+    @field_validator("scale")
+    @classmethod
+    def _positive_scale(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError("the attention scale must be a positive number")
+        return value
+
+
 class AtlasDocument(Document):
     """atlas.json."""
     what: ClassVar[str] = "qkdissect atlas index"
@@ -73,6 +128,17 @@ class AtlasDocument(Document):
     heads_per_layer: Optional[list[PositiveInt]] = None
     d_model_per_layer: Optional[list[PositiveInt]] = None
     layer_nulls: Optional[list[NullDocument]] = None
+    layer_forms: Optional[list[LayerFormRecord]] = None
+
+    @model_validator(mode="after")
+    def _per_layer(self) -> "AtlasDocument":
+        for name in ("heads_per_layer", "d_model_per_layer", "layer_nulls", "layer_forms"):
+            value = getattr(self, name)
+            if value is not None and len(value) != self.n_layers:
+                raise ValueError(f"{name} has {len(value)} entries for n_layers {self.n_layers}")
+        if self.layer_forms is not None and [f.layer for f in self.layer_forms] != list(range(self.n_layers)):
+            raise ValueError("layer_forms must list layers 0..n_layers−1 in order")
+        return self
 
     @field_validator("scale")
     @classmethod
@@ -113,12 +179,6 @@ def check_atlas_tensors(path: str | os.PathLike, document: AtlasDocument, tensor
     import torch
 
     remedy = "re-run `qkdissect dissect`"
-    if document.heads_per_layer is not None and len(document.heads_per_layer) != document.n_layers:
-        raise QKDissectError(f"{path}: heads_per_layer has {len(document.heads_per_layer)} entries for "
-                             f"{document.n_layers} layers; {remedy}.")
-    if document.d_model_per_layer is not None and len(document.d_model_per_layer) != document.n_layers:
-        raise QKDissectError(f"{path}: d_model_per_layer has {len(document.d_model_per_layer)} entries for "
-                             f"{document.n_layers} layers; {remedy}.")
     expected = atlas_tensor_shapes(document)
     optional = [name for name in expected if name.endswith(_OPTIONAL)]
     extra = [name for name in tensors if ".form." in name or ".positional." in name]

@@ -5,6 +5,11 @@ Maps tensors per input, m = number of modes, r = the atlas rank, N = n_prefix + 
 tokens (texts): images q, k (m, rows, cols), q_prefix, k_prefix (m, n_prefix), contributions (m, N, N),
 key_bias_logits (N,); texts q, k (m, T), contributions (m, T, T), input_ids (T,), key_bias_logits (T,); both
 mode_shares (r,), bias_share and logit_variance ().
+
+A layer with another attention form (``layer_form`` ≠ "plain", atlas format 2) stores residual_logits (N, N)
+instead of key_bias_logits, and rho (2, N) when it has a QK-norm; a window layer (``windows``: n_windows, window,
+shift) stores contributions (m, n_windows, T_w, T_w), residual_logits (n_windows, T_w, T_w) and window_index
+(n_windows, T_w), with q, k on the layer's own grid and no prefix tokens.
 """
 
 from __future__ import annotations
@@ -62,6 +67,9 @@ class MapsDocument(Document):
     rank: PositiveInt
     n_prefix_tokens: NonNegativeInt
     grid: Optional[tuple[PositiveInt, PositiveInt]] = None
+    layer_form: str = "plain"
+    qk_norm: bool = False
+    windows: Optional[dict] = None
     modes: list[ModeRecord] = Field(min_length=1)
     items: list[MapsItemRecord]
     failed: list[Failed] = []
@@ -84,11 +92,23 @@ def maps_tensor_shapes(document: MapsDocument, item: MapsItemRecord) -> dict[str
     if item.kind == "image":
         rows, cols = document.grid
         N = P + rows * cols
-        return {"q": (m, rows, cols), "k": (m, rows, cols), "q_prefix": (m, P), "k_prefix": (m, P),
-                "contributions": (m, N, N), "key_bias_logits": (N,), **common}
-    T = len(item.tokens)
-    return {"q": (m, T), "k": (m, T), "contributions": (m, T, T), "input_ids": (T,), "key_bias_logits": (T,),
-            **common}
+        shapes = {"q": (m, rows, cols), "k": (m, rows, cols), "q_prefix": (m, P), "k_prefix": (m, P),
+                  "contributions": (m, N, N), "key_bias_logits": (N,), **common}
+    else:
+        N = len(item.tokens)
+        shapes = {"q": (m, N), "k": (m, N), "contributions": (m, N, N), "input_ids": (N,), "key_bias_logits": (N,),
+                  **common}
+    if document.layer_form == "plain":
+        return shapes
+    del shapes["key_bias_logits"]
+    shapes["residual_logits"] = (N, N)
+    if document.qk_norm:
+        shapes["rho"] = (2, N)
+    if document.windows is not None:
+        n_windows, size = int(document.windows["n_windows"]), int(document.windows["window_tokens"])
+        shapes.update({"contributions": (m, n_windows, size, size), "residual_logits": (n_windows, size, size),
+                       "window_index": (n_windows, size)})
+    return shapes
 
 
 class RankRow(Strict):

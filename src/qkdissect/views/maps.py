@@ -190,10 +190,13 @@ def run_maps(ctx: ViewContext, out: str | os.PathLike, *, layer: int, head: int,
         atlas = ctx.atlas
         form = atlas.layers[layer].form
         meta = model_meta(ctx)
+        meta.update({"layer_form": "plain" if form is None else form.kind,
+                     "qk_norm": form is not None and form.qk_norm is not None})
         if form is not None and form.windows is not None:  # the maps live on this stage's grid
             meta.update({"grid": list(form.windows.grid), "n_prefix_tokens": 0,
                          "windows": {"window": list(form.windows.window), "shift": list(form.windows.shift),
-                                     "n_windows": form.windows.n_windows}})
+                                     "n_windows": form.windows.n_windows,
+                                     "window_tokens": form.windows.token_index.shape[1]}})
         document = {"format": MAPS_FORMAT, "format_version": FORMAT_VERSION, **meta, "layer": layer,
                     "head": head, "modes": [{"mode": m, "sigma": float(atlas.layers[layer].S[head, m]),
                                              "cosine": float(atlas.cosines[layer, head, m])} for m in modes],
