@@ -97,3 +97,30 @@ def test_swin_atlas_has_a_width_per_layer(tmp_path):
     compared = json.loads((tmp_path / "cmp" / "compare.json").read_text())["models"][0]
     # n_layers × n_heads as for any model; heads a layer does not have are null, like heads of rank 0
     assert [sum(v is not None for v in row) for row in compared["weighted_cosines"]] == [3, 6, 6]
+
+
+@pytest.mark.parametrize("path, value", [
+    (("layer_forms", 1, "stored", "rotary", "layout"), "diagonal"),
+    (("layer_forms", 1, "stored", "rotary", "rotary_dim"), 0),
+    (("layer_forms", 0, "stored", "rotary"), KeyError),
+    (("layer_forms", 0, "layer"), 1),
+    (("layer_forms", 1, "scale"), -1.0),
+    (("layer_forms",), [{"layer": 0, "kind": "plain", "scale": 0.3}]),
+])
+def test_corrupted_format2_atlas_fails_with_one_clear_error(rope_folder, tmp_path, path, value):
+    from qkdissect.errors import QKDissectError
+
+    out = tmp_path / "atlas"
+    assert runner.invoke(app, ["dissect", str(rope_folder), "--out", str(out), "--null-samples", "20"]).exit_code == 0
+    document = json.loads((out / "atlas.json").read_text())
+    target = document
+    for part in path[:-1]:
+        target = target[part]
+    if value is KeyError:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value
+    (out / "atlas.json").write_text(json.dumps(document))
+    with pytest.raises(QKDissectError) as error:
+        ModeAtlas.load(out)
+    assert str(out / "atlas.json") in str(error.value) or str(out / "atlas.safetensors") in str(error.value)

@@ -456,6 +456,12 @@ class ModeAtlas:
                     form = form_from_tensors(tensors, f"{prefix}.form", entry.stored.model_dump(exclude_none=True))
                 except QKDissectError as error:
                     raise QKDissectError(f"{tensor_path}: layer {index}'s attention form: {error}") from None
+            stored_keys = {k for k in tensors if k.startswith(f"{prefix}.form.")}
+            described = set() if form is None else set(form_to_tensors(form, f"{prefix}.form")[0])
+            if stored_keys != described:
+                raise QKDissectError(f"{tensor_path}: layer {index}'s form tensors {sorted(stored_keys ^ described)[:3]} "
+                                     f"do not match its description in {json_path}; re-run `qkdissect dissect`.")
+            if form is not None:
                 if form.needs_head_space and (extra["G_q"] is None or extra["G_k"] is None):
                     raise QKDissectError(f"{tensor_path} lacks layer {index}'s head-space factors G_q, G_k; "
                                          "re-run `qkdissect dissect`.")
