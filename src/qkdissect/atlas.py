@@ -444,6 +444,9 @@ class ModeAtlas:
         except Exception as error:  # noqa: BLE001
             raise QKDissectError(f"{tensor_path} is corrupt ({type(error).__name__}); re-run `qkdissect dissect`.") from None
         check_atlas_tensors(tensor_path, checked, tensors)
+        problem = checked.per_layer_problem()
+        if problem is not None:
+            raise QKDissectError(f"{json_path} is not a readable qkdissect atlas index: {problem}; {remedy}.")
         layers = []
         for index in range(checked.n_layers):
             prefix = f"layers.{index}"

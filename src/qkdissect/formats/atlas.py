@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from typing import ClassVar, Literal, Optional
 
-from pydantic import NonNegativeInt, PositiveInt, field_validator, model_validator
+from pydantic import NonNegativeInt, PositiveInt, field_validator
 
 from qkdissect.errors import QKDissectError
 from qkdissect.formats import Document, Strict, check_shapes
@@ -130,15 +130,15 @@ class AtlasDocument(Document):
     layer_nulls: Optional[list[NullDocument]] = None
     layer_forms: Optional[list[LayerFormRecord]] = None
 
-    @model_validator(mode="after")
-    def _per_layer(self) -> "AtlasDocument":
+    def per_layer_problem(self) -> str | None:
+        """What is wrong with the per-layer lists (their length against n_layers, the order of layer_forms)."""
         for name in ("heads_per_layer", "d_model_per_layer", "layer_nulls", "layer_forms"):
             value = getattr(self, name)
             if value is not None and len(value) != self.n_layers:
-                raise ValueError(f"{name} has {len(value)} entries for n_layers {self.n_layers}")
+                return f"field {name}: {len(value)} entries for n_layers {self.n_layers}"
         if self.layer_forms is not None and [f.layer for f in self.layer_forms] != list(range(self.n_layers)):
-            raise ValueError("layer_forms must list layers 0..n_layers−1 in order")
-        return self
+            return "field layer_forms: the layers must be listed 0..n_layers−1 in order"
+        return None
 
     @field_validator("scale")
     @classmethod
@@ -156,11 +156,11 @@ def atlas_tensor_shapes(document: AtlasDocument) -> dict[str, tuple[int, ...]]:
     """The shape every tensor of atlas.safetensors must have according to atlas.json (forms and positional
     statistics excepted: their shapes depend on the model's token layout)."""
     L = document.n_layers
-    heads = document.heads_per_layer or [document.n_heads] * L
-    widths = document.d_model_per_layer or [document.d_model] * L
+    heads = list(document.heads_per_layer or []) + [document.n_heads] * L  # short lists: see per_layer_problem
+    widths = list(document.d_model_per_layer or []) + [document.d_model] * L
     r, e = document.rank, document.d_head
     shapes: dict[str, tuple[int, ...]] = {}
-    for index, (H, D) in enumerate(zip(heads, widths)):
+    for index, (H, D) in enumerate(zip(heads[:L], widths[:L])):
         shapes.update({f"layers.{index}.U": (H, D, r), f"layers.{index}.S": (H, r), f"layers.{index}.V": (H, D, r),
                        f"layers.{index}.key_bias": (H, D), f"layers.{index}.ln_weight": (D,),
                        f"layers.{index}.ln_bias": (D,), f"layers.{index}.G_q": (H, r, e),
