@@ -19,7 +19,7 @@ MAX_LINES = 550
 # Lower number = lower floor; a module may import modules on its own floor or below.
 FLOORS = {
     0: ("qkdissect._version", "qkdissect.errors", "qkdissect.progress", "qkdissect.files", "qkdissect.cache",
-        "qkdissect.images", "qkdissect.factored", "qkdissect.plots", "qkdissect.overlays"),
+        "qkdissect.testpoints", "qkdissect.images", "qkdissect.factored", "qkdissect.plots", "qkdissect.overlays"),
     1: ("qkdissect.metrics", "qkdissect.adapters", "qkdissect.decomposition", "qkdissect.projection",
         "qkdissect.synthetic", "qkdissect.builtin"),
     2: ("qkdissect.comparison", "qkdissect.mining", "qkdissect.preference", "qkdissect.views", "qkdissect.report",

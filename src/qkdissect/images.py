@@ -26,23 +26,35 @@ def list_images(folder: str | os.PathLike, extensions: tuple[str, ...] = IMAGE_E
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
 
-def open_image(path: str | os.PathLike):
-    """Open ``path`` fully decoded as an RGB PIL image.
+def open_image(path: str | os.PathLike | bytes, *, name: str | None = None):
+    """Open an image fully decoded as an RGB PIL image: ``path`` is a file, or the encoded bytes of one
+    (a WebDataset member, a Parquet cell) named ``name`` in messages.
 
     Grayscale, palette and RGBA images are converted (alpha composited on white). Raises
     QKDissectError naming the reason for: a missing or zero-byte file, a file that is not an
-    image, a truncated image, an image smaller than MIN_IMAGE_SIDE pixels or with an aspect
-    ratio beyond MAX_ASPECT_RATIO.
+    image, a truncated image, a decompression bomb (more than twice PIL's ``Image.MAX_IMAGE_PIXELS``
+    pixels, refused from the header before decoding), an image smaller than MIN_IMAGE_SIDE
+    pixels or with an aspect ratio beyond MAX_ASPECT_RATIO.
     """
+    import io
+
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
-    if not path.is_file():
-        raise QKDissectError(f"{path}: file not found.")
-    if path.stat().st_size == 0:
-        raise QKDissectError(f"{path}: empty file (0 bytes).")
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        label = name or "<bytes>"
+        if len(path) == 0:
+            raise QKDissectError(f"{label}: empty file (0 bytes).")
+        stream = io.BytesIO(path)
+    else:
+        path = Path(path)
+        label = str(path) if name is None else name
+        if not path.is_file():
+            raise QKDissectError(f"{label}: file not found.")
+        if path.stat().st_size == 0:
+            raise QKDissectError(f"{label}: empty file (0 bytes).")
+        stream = path
     try:
-        with Image.open(path) as image:
+        with Image.open(stream) as image:
             image.load()
             if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
                 rgba = image.convert("RGBA")
@@ -51,12 +63,14 @@ def open_image(path: str | os.PathLike):
             else:
                 result = image.convert("RGB")
     except UnidentifiedImageError:
-        raise QKDissectError(f"{path}: not an image file (unrecognised format).") from None
+        raise QKDissectError(f"{label}: not an image file (unrecognised format).") from None
+    except Image.DecompressionBombError as error:
+        raise QKDissectError(f"{label}: image too large to decode safely (a decompression bomb? {error}).") from None
     except (OSError, SyntaxError, ValueError) as error:
-        raise QKDissectError(f"{path}: unreadable or truncated image ({error}).") from None
+        raise QKDissectError(f"{label}: unreadable or truncated image ({error}).") from None
     width, height = result.size
     if min(width, height) < MIN_IMAGE_SIDE:
-        raise QKDissectError(f"{path}: image too small ({width}×{height} pixels).")
+        raise QKDissectError(f"{label}: image too small ({width}×{height} pixels).")
     if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
-        raise QKDissectError(f"{path}: extreme aspect ratio ({width}×{height}); crop it first.")
+        raise QKDissectError(f"{label}: extreme aspect ratio ({width}×{height}); crop it first.")
     return result

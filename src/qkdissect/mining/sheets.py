@@ -13,20 +13,29 @@ from qkdissect.adapters.loading import wrap_model
 from qkdissect.errors import QKDissectError
 from qkdissect.files import atomic_write
 from qkdissect.mining.result import MinedResult, load_mined, weights_fingerprint
+from qkdissect.testpoints import pause_point
 
-__all__ = ["recompute_maps", "render_contact_sheet"]
+__all__ = ["draw_sheets", "recompute_maps", "render_contact_sheet"]
 
 
 def _crop(result: MinedResult, index: int, cache: dict[int, Any]):
     from qkdissect.adapters.base import Preprocessing
     from qkdissect.images import open_image
+    from qkdissect.mining.readers import ImageReader
 
     if index not in cache:
         if len(cache) > 512:
             cache.pop(next(iter(cache)))
+        reader = cache.get("reader")
+        if reader is None:
+            reader = cache["reader"] = ImageReader(result.source)
         preprocessing = Preprocessing.from_dict(result.meta["preprocessing"])
+        ident = result.image_paths[index]
+        payload = reader.read([ident])[ident]
         try:
-            cache[index] = preprocessing.resize_and_crop(open_image(result.root / result.image_paths[index]))
+            if isinstance(payload, str):
+                raise QKDissectError(payload)
+            cache[index] = preprocessing.resize_and_crop(open_image(payload, name=ident))
         except QKDissectError:
             cache[index] = None
     return cache[index]
@@ -38,6 +47,7 @@ def recompute_maps(result: MinedResult, model: Any, layer: int, head: int, mode:
     from qkdissect.adapters.base import Preprocessing
     from qkdissect.decomposition import ModeAtlas
     from qkdissect.images import open_image
+    from qkdissect.mining.readers import ImageReader
     from qkdissect.projection import capture_attention_inputs, project
 
     loaded = wrap_model(model)
@@ -48,7 +58,11 @@ def recompute_maps(result: MinedResult, model: Any, layer: int, head: int, mode:
     n_prefix = len(result.meta["prefix_tokens"])
     maps: list[tuple[Tensor, Tensor] | None] = []
     for row in rows:
-        pixels = preprocessing(open_image(row["path"]))[None].to(next(loaded.model.parameters()).device)
+        payload = ImageReader(result.source).read([row["relative_path"]])[row["relative_path"]]
+        if isinstance(payload, str):
+            raise QKDissectError(payload)
+        pixels = preprocessing(open_image(payload, name=row["relative_path"]))[None]
+        pixels = pixels.to(next(loaded.model.parameters()).device)
         x = capture_attention_inputs(loaded, pixels, [layer])[layer]
         q, k = project(atlas, layer, x)
         maps.append((q[0, head, n_prefix:, mode].float().cpu(), k[0, head, n_prefix:, mode].float().cpu()))
@@ -113,3 +127,25 @@ def render_contact_sheet(mined: str | os.PathLike | MinedResult, layer: int, hea
     out_png = Path(out_png)
     atomic_write(out_png, lambda p: sheet.save(p, format="PNG", compress_level=1))
     return out_png
+
+
+def draw_sheets(result: MinedResult, folder: Path, *, progress=None, workers: int = 0) -> list[dict[str, Any]]:
+    """Contact sheets of every mined (layer, head, sheet mode, sign) into ``folder/sheets/``; a sheet already
+    there is kept (each is written whole under a temporary name). Returns the index entries."""
+    from qkdissect.mining.result import SIGN_FILES
+
+    entries, cache = [], {}
+    total = len(result.layers) * result.meta["n_heads"] * len(result.map_modes) * 2
+    for layer in result.layers:
+        for head in range(result.meta["n_heads"]):
+            for mode in result.map_modes:
+                for sign in (0, 1):
+                    relative = f"sheets/L{layer:02d}/H{head:02d}_m{mode:03d}_{SIGN_FILES[sign]}.png"
+                    if not (folder / relative).is_file() and not (result.directory / relative).is_file():
+                        render_contact_sheet(result, layer, head, mode, sign, folder / relative, _cache=cache)
+                        pause_point("sheet")
+                    entries.append({"layer": layer, "head": head, "mode": mode, "sign": "+-"[sign],
+                                    "png": relative})
+                    if progress is not None:
+                        progress("sheets", len(entries), total)
+    return entries

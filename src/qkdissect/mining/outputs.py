@@ -1,0 +1,189 @@
+"""The output folder of a mining run: what is in it, staging, and writing the result with its index last.
+
+Everything a run writes goes first into ``OUT/.qkdissect-tmp/`` (the staging folder) or, for the checkpoints,
+``OUT/checkpoint/``. When the top-k is final, the finished files are staged in this order — ``images.txt`` and
+``bad_images.log`` (from the checkpoints' listings), ``mined.safetensors`` (the final state; its metadata
+holds the index document, so the run can finish from it alone) — then the checkpoints are deleted, the atlas
+and the contact sheets are drawn into the staging folder (a sheet already there is complete: each is written
+under a temporary name and renamed), and :meth:`MiningFolder.finish` moves the files into place and writes
+``mined.json`` last. A run killed at any point is finished by ``--resume`` from what the staging folder holds;
+the result is the same bits as an uninterrupted run.
+
+A folder is refused when it is not empty and holds neither a ``mined.json`` of format ``qkdissect-mined`` nor
+a staging folder: only qkdissect's own files are ever overwritten or deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from qkdissect.errors import QKDissectError
+from qkdissect.files import atomic_write, read_json_document
+from qkdissect.mining.checkpoints import merged_listing
+from qkdissect.mining.loader import UNIT_SHIFT
+from qkdissect.mining.result import FORMAT, FORMAT_VERSION
+from qkdissect.mining.state import RunningStats, TopK, state_tensors
+
+__all__ = ["MAX_BAD_IN_INDEX", "STAGING", "MiningFolder", "stage_results"]
+
+STAGING = ".qkdissect-tmp"
+INDEX = "mined.json"
+TIMES = "run-times.json"  # staged, never moved: the times of the mining pass, merged into mined.json
+MAX_BAD_IN_INDEX = 1000
+
+
+class MiningFolder:
+    """``out`` of one mining run: :attr:`stage` (new files), :attr:`checkpoints`, and the finished files."""
+
+    def __init__(self, out: str | os.PathLike):
+        self.out = Path(os.path.abspath(out))
+        self.stage = self.out / STAGING
+        self.checkpoints = self.out / "checkpoint"
+
+    def index(self) -> dict[str, Any] | None:
+        """The finished run's mined.json, or None; one QKDissectError when it is there but unreadable."""
+        path = self.out / INDEX
+        if not path.exists():
+            return None
+        return read_json_document(path, missing=f"{self.out} is not a mining folder",
+                                  remedy=f"delete {self.out} and mine again (it is not a finished run)",
+                                  kind=FORMAT, max_version=FORMAT_VERSION)
+
+    def check(self, resume: bool) -> None:
+        """Refuse an ``out`` that is a file, that holds a run when ``resume`` is off, or that is not ours."""
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise QKDissectError(f"--out {out} is a file; give a folder for the mining run.")
+        from qkdissect.mining.checkpoints import NAME
+
+        ours = (out / INDEX).exists() or self.stage.is_dir() or (
+            self.checkpoints.is_dir() and any(NAME.match(p.name) for p in self.checkpoints.iterdir()))
+        if ours and not resume:
+            raise QKDissectError(f"{out} already holds a mining run; pass --resume to continue it, or choose another "
+                                 "--out folder.")
+        if out.is_dir() and not ours and any(p.name != self.checkpoints.name for p in out.iterdir()):
+            raise QKDissectError(f"--out {out} is not empty and holds no qkdissect mining run (no {INDEX}), so "
+                                 "nothing in it is touched; give a new or empty folder.")
+        parent = out
+        while not parent.exists():
+            parent = parent.parent
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise QKDissectError(f"--out {out}: {parent} is not writable; choose a folder you can write to.")
+
+    def staged(self, relative: str) -> Path | None:
+        """Where a finished file of this run is (staged, or already moved into place), or None."""
+        for base in (self.stage, self.out):
+            if (base / relative).is_file():
+                return base / relative
+        return None
+
+    def staged_meta(self) -> dict[str, Any] | None:
+        """The index document stored with a staged final state (None when the state is not staged yet)."""
+        path = self.staged("mined.safetensors")
+        if path is None:
+            return None
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                meta = json.loads((handle.metadata() or {})["meta"])
+        except Exception:  # noqa: BLE001 — an older or foreign file: not a state this run can finish from
+            return None
+        return meta if isinstance(meta, dict) else None
+
+    def save_times(self, times: dict[str, Any]) -> None:
+        self.stage.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.stage / TIMES, lambda p: p.write_text(json.dumps(times)))
+
+    def load_times(self) -> dict[str, Any]:
+        try:
+            times = json.loads((self.stage / TIMES).read_text())
+        except (OSError, ValueError):
+            return {}
+        return times if isinstance(times, dict) else {}
+
+    def finish(self, document: dict[str, Any]) -> Path:
+        """Move every staged file into place (checkpoints must be gone), write mined.json last, drop the stage."""
+        if self.checkpoints.exists():
+            raise QKDissectError("internal: finish() while checkpoints are staged.")
+        moved = []
+        for path in sorted(self.stage.rglob("*")):
+            if path.is_file() and not path.name.endswith(".tmp") and path.name != TIMES:
+                relative = path.relative_to(self.stage)
+                target = self.out / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)
+                moved.append(relative.as_posix())
+        files = sorted(set(moved) | set(document.get("files", [])))
+        atomic_write(self.out / INDEX, lambda p: p.write_text(json.dumps({**document, "files": files}, indent=1,
+                                                                         default=str)))
+        self.discard()
+        return self.out / INDEX
+
+    def discard(self) -> None:
+        """Remove the staging folder (only ever qkdissect's files)."""
+        if self.stage.is_dir() and not self.stage.is_symlink():
+            shutil.rmtree(self.stage)
+
+
+def _remap(image: torch.Tensor, packed: list[int], ordinals: list[int]) -> torch.Tensor:
+    """Packed ids (unit·2³² + position) -> ordinals in images.txt; −1 stays −1."""
+    if not packed:
+        return image.clone()
+    keys = torch.tensor(packed, dtype=torch.int64)
+    values = torch.tensor(ordinals, dtype=torch.int64)
+    position = torch.searchsorted(keys, image.clamp_min(0))
+    position = position.clamp_max(len(packed) - 1)
+    if bool(((keys[position] != image) & (image >= 0)).any()):
+        raise QKDissectError("internal: a top-k image is missing from the sample listings.")
+    return torch.where(image >= 0, values[position], image)
+
+
+def stage_results(folder: MiningFolder, listings: Iterable[tuple[str, int]], topk: TopK, stats: RunningStats,
+                  meta: dict[str, Any]) -> tuple[TopK, dict[str, Any]]:
+    """Write images.txt, bad_images.log and mined.safetensors into the stage (see the module docstring) from the
+    checkpoints' listings; returns the top-k with ordinals and ``meta`` completed with counts and bad samples."""
+    from safetensors.torch import save_file
+
+    referenced = sorted(set(int(i) for i in torch.unique(topk.image).tolist() if i >= 0))
+    wanted, ordinals = iter(referenced), []
+    target = next(wanted, None)
+    n_images, n_bad, bad_first = 0, 0, []
+    folder.stage.mkdir(parents=True, exist_ok=True)
+
+    def write_lists(images_path: Path, bad_path: Path) -> None:
+        nonlocal n_images, n_bad, target
+        with open(images_path, "w", encoding="utf-8") as images, open(bad_path, "w", encoding="utf-8") as bad:
+            for unit, position, ident, reason in merged_listing(folder.checkpoints, listings):
+                packed = (unit << UNIT_SHIFT) | position
+                if target is not None and target < packed:
+                    raise QKDissectError(f"internal: top-k image {target} is not in the sample listings.")
+                if target == packed:
+                    ordinals.append(n_images)
+                    target = next(wanted, None)
+                images.write(ident.replace("\n", " ") + "\n")
+                n_images += 1
+                if reason is not None:
+                    n_bad += 1
+                    bad.write(f"{ident}\t{reason}".replace("\n", " ") + "\n")
+                    if len(bad_first) < MAX_BAD_IN_INDEX:
+                        bad_first.append({"path": ident, "reason": reason})
+
+    bad_tmp = folder.stage / "bad_images.log.tmp"
+    atomic_write(folder.stage / "images.txt", lambda p: write_lists(p, bad_tmp))
+    os.replace(bad_tmp, folder.stage / "bad_images.log")
+    if target is not None or len(ordinals) != len(referenced):
+        raise QKDissectError("internal: some top-k images are not in the sample listings.")
+    topk = TopK(scores=topk.scores, image=_remap(topk.image, referenced, ordinals), query_pos=topk.query_pos,
+                key_pos=topk.key_pos, maps=topk.maps)
+    meta = {**meta, "n_images": n_images, "n_processed": int(stats.images), "n_bad": n_bad, "bad_images": bad_first}
+    tensors = state_tensors(topk, stats, exact=False)
+    metadata = {"format": FORMAT, "meta": json.dumps(meta, default=str)}
+    atomic_write(folder.stage / "mined.safetensors", lambda p: save_file(tensors, str(p), metadata=metadata))
+    return topk, meta
