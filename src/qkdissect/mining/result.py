@@ -117,8 +117,12 @@ class MinedResult:
 
     @property
     def source(self) -> dict[str, Any]:
-        """Where the images came from (kind, root, list file, image column): what :class:`ImageReader` needs."""
-        return self.meta.get("source") or {"kind": "folder", "root": str(self.root)}
+        """Where the images came from (kind, root, list file, image column): what :class:`ImageReader` needs.
+        A folder's root is ``image_root`` (so a moved image folder is found by editing that one field)."""
+        source = dict(self.meta.get("source") or {"kind": "folder"})
+        if source.get("kind", "folder") == "folder":
+            source["root"] = str(self.root)
+        return source
 
     def image_path(self, index: int) -> str:
         """A file path for folders and lists; the id (``shard.tar#key``, ``file.parquet#row``) otherwise."""
