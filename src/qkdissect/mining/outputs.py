@@ -30,7 +30,7 @@ from qkdissect.mining.loader import UNIT_SHIFT
 from qkdissect.mining.result import FORMAT, FORMAT_VERSION
 from qkdissect.mining.state import RunningStats, TopK, state_tensors
 
-__all__ = ["MAX_BAD_IN_INDEX", "STAGING", "MiningFolder", "stage_results"]
+__all__ = ["MAX_BAD_IN_INDEX", "STAGING", "MiningFolder", "save_atlas", "stage_results"]
 
 STAGING = ".qkdissect-tmp"
 INDEX = "mined.json"
@@ -149,7 +149,7 @@ def stage_results(folder: MiningFolder, listings: Iterable[tuple[str, int]], top
                   meta: dict[str, Any]) -> tuple[TopK, dict[str, Any]]:
     """Write images.txt, bad_images.log and mined.safetensors into the stage (see the module docstring) from the
     checkpoints' listings; returns the top-k with ordinals and ``meta`` completed with counts and bad samples."""
-    from safetensors.torch import save_file
+    from qkdissect.files import safetensors_bytes
 
     referenced = sorted(set(int(i) for i in torch.unique(topk.image).tolist() if i >= 0))
     wanted, ordinals = iter(referenced), []
@@ -183,7 +183,18 @@ def stage_results(folder: MiningFolder, listings: Iterable[tuple[str, int]], top
     topk = TopK(scores=topk.scores, image=_remap(topk.image, referenced, ordinals), query_pos=topk.query_pos,
                 key_pos=topk.key_pos, maps=topk.maps)
     meta = {**meta, "n_images": n_images, "n_processed": int(stats.images), "n_bad": n_bad, "bad_images": bad_first}
-    tensors = state_tensors(topk, stats, exact=False)
-    metadata = {"format": FORMAT, "meta": json.dumps(meta, default=str)}
-    atomic_write(folder.stage / "mined.safetensors", lambda p: save_file(tensors, str(p), metadata=metadata))
+    data = safetensors_bytes(state_tensors(topk, stats, exact=False),
+                             {"format": FORMAT, "meta": json.dumps(meta, default=str)})
+    atomic_write(folder.stage / "mined.safetensors", lambda p: p.write_bytes(data))
     return topk, meta
+
+
+def save_atlas(atlas, folder: Path) -> None:
+    """``atlas.save(folder)`` with the safetensors header in a fixed order, so that the file is the same bytes in
+    every process (a resumed run writes it again)."""
+    from qkdissect.files import canonical_safetensors
+
+    atlas.save(folder)
+    for path in folder.glob("*.safetensors"):
+        data = canonical_safetensors(path.read_bytes())
+        atomic_write(path, lambda p, data=data: p.write_bytes(data))

@@ -28,7 +28,7 @@ from qkdissect.mining.checkpoints import (
 )
 from qkdissect.mining.engine import AMP_DTYPES, MiningEngine
 from qkdissect.mining.loader import batch_loader
-from qkdissect.mining.outputs import MiningFolder, stage_results
+from qkdissect.mining.outputs import MiningFolder, save_atlas, stage_results
 from qkdissect.mining.result import (
     FORMAT,
     FORMAT_VERSION,
@@ -186,7 +186,7 @@ def mine(model: Any, images: str | os.PathLike, out: str | os.PathLike, *, top_k
 
         meta = folder.staged_meta()
         result = _staged_result(folder, meta)
-        atlas.save(folder.stage / "atlas")
+        save_atlas(atlas, folder.stage / "atlas")
         meta["sheets"] = draw_sheets(result, folder.stage, progress=progress, workers=workers) if sheets else []
         meta.update(folder.load_times())
         meta["total_seconds"] = round(time.perf_counter() - started, 3)  # of this (last) call
