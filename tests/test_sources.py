@@ -17,7 +17,7 @@ from image_sets import as_samples, bad_images, natural_images, write_folder, wri
 from qkdissect import dissect
 from qkdissect.adapters import wrap_model
 from qkdissect.errors import QKDissectError
-from qkdissect.mining import load_mined, mine
+from qkdissect.mining import mine
 from qkdissect.mining.readers import ImageReader, read_unit
 from qkdissect.mining.result import Listing
 from qkdissect.mining.sources import open_source
