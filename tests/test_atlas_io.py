@@ -54,20 +54,21 @@ def test_json_document_has_the_promised_fields(atlas, tmp_path):
 def test_bad_atlas_folders(atlas, tmp_path):
     with pytest.raises(QKDissectError, match="not an atlas folder"):
         ModeAtlas.load(tmp_path)
-    atlas.save(tmp_path)
-    (tmp_path / "atlas.json").write_text("{ not json")
+    # each corruption in a fresh folder: `save` replaces only an intact atlas of its own (qkdissect.outputs)
+    atlas.save(tmp_path / "a")
+    (tmp_path / "a" / "atlas.json").write_text("{ not json")
     with pytest.raises(QKDissectError, match="corrupt"):
-        ModeAtlas.load(tmp_path)
-    atlas.save(tmp_path)
-    data = (tmp_path / "atlas.safetensors").read_bytes()
-    (tmp_path / "atlas.safetensors").write_bytes(data[: len(data) // 2])
+        ModeAtlas.load(tmp_path / "a")
+    atlas.save(tmp_path / "b")
+    data = (tmp_path / "b" / "atlas.safetensors").read_bytes()
+    (tmp_path / "b" / "atlas.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(QKDissectError, match="corrupt"):
-        ModeAtlas.load(tmp_path)
-    atlas.save(tmp_path)
-    doc = json.loads((tmp_path / "atlas.json").read_text())
+        ModeAtlas.load(tmp_path / "b")
+    atlas.save(tmp_path / "c")
+    doc = json.loads((tmp_path / "c" / "atlas.json").read_text())
     doc["format_version"] = 99
-    (tmp_path / "atlas.json").write_text(json.dumps(doc))
+    (tmp_path / "c" / "atlas.json").write_text(json.dumps(doc))
     with pytest.raises(QKDissectError, match="upgrade"):
-        ModeAtlas.load(tmp_path)
+        ModeAtlas.load(tmp_path / "c")
     with pytest.raises(QKDissectError, match="no head"):
         atlas.head(3, 0)

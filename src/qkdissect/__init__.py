@@ -6,6 +6,7 @@
     >>> head = atlas.head(3, 5)                                       # .U .S .V .key_bias .cosines .weighted_cosine
     >>> atlas.save("atlas/")
     >>> qkdissect.compare([atlas, "other_atlas/"]).save("cmp/")          # several models over relative depth
+    >>> qkdissect.survey(["timm:vit_base_patch16_224.dino", "timm:deit_base_patch16_224.fb_in1k"], "survey/")
 """
 
 from qkdissect import builtin as _builtin  # noqa: F401  (registers builtin:oddvit and builtin:minilm)
@@ -16,6 +17,7 @@ from qkdissect.decomposition import HeadModes, ModeAtlas, dissect
 from qkdissect.errors import QKDissectError
 from qkdissect.factored import factored_svd
 from qkdissect.metrics import NullReference, gaussian_null
+from qkdissect.model_survey import survey
 
 __all__ = [
     "AttentionLayer",
@@ -35,4 +37,5 @@ __all__ = [
     "get_adapter",
     "load_compare",
     "load_model",
+    "survey",
 ]

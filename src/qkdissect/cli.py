@@ -15,7 +15,7 @@ app = typer.Typer(
 )
 
 # Each module under qkdissect.commands has register(app); the order is the order in --help.
-COMMAND_MODULES = ("demo", "dissect", "views", "preference", "report", "dynamics")
+COMMAND_MODULES = ("demo", "dissect", "survey", "views", "preference", "report", "dynamics")
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"qkdissect.commands.{_name}").register(app)

@@ -10,6 +10,9 @@ Folder written by :meth:`Comparison.save` (read with :func:`load_compare`)::
                     "models": [{label, model, family, atlas, n_layers, n_heads, d_model, d_head, null_band,
                                 weighted_cosines (L, H), layers: atlas.layer_summary() rows}]}
     compare.png    mean C_h (± std over heads) against relative depth, dotted null bands
+
+:func:`depth_trend` summarises a model's early-vs-late trend: the least-squares slope of the layer-mean C_h against
+relative depth, with a bootstrap confidence interval over heads.
 """
 
 from __future__ import annotations
@@ -20,13 +23,78 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from qkdissect.decomposition import ModeAtlas
 from qkdissect.errors import QKDissectError
-from qkdissect.files import library_versions, read_json_document, write_json
+from qkdissect.files import library_versions, read_json_document
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "ComparedModel", "Comparison", "compare", "load_compare"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "ComparedModel", "Comparison", "DepthTrend", "compare", "depth_trend",
+           "load_compare"]
 
 FORMAT, FORMAT_VERSION = "qkdissect-compare", 1
+
+
+@dataclass(frozen=True)
+class DepthTrend:
+    """Early-vs-late trend of one model's weighted cosine C_h over relative depth.
+
+    ``slope``: least-squares slope of the layer mean m_l = mean_h C_{l,h} against x_l = l / (L − 1)
+    (C per unit of relative depth: slope × 1 = the change from first to last layer along the fitted line);
+    ``low``/``high``: the central ``level`` percentile interval of the slope over ``samples`` bootstrap
+    resamplings of the heads (each layer's H heads drawn with replacement, independently per layer);
+    ``early``/``late``: mean C_h over the layers with x ≤ 1/3 and x ≥ 2/3. NaN where undefined (one layer).
+    """
+
+    slope: float
+    low: float
+    high: float
+    early: float
+    late: float
+    level: float
+    samples: int
+
+    @property
+    def direction(self) -> str:
+        """"rises" / "falls" when the interval excludes 0, else "flat" ("?" when undefined)."""
+        if not np.isfinite(self.slope):
+            return "?"
+        return "rises" if self.low > 0 else "falls" if self.high < 0 else "flat"
+
+    def to_json(self) -> dict[str, Any]:
+        return {name: (None if isinstance(value, float) and not np.isfinite(value) else value)
+                for name, value in vars(self).items()}
+
+
+def depth_trend(weighted: Sequence[Sequence[float]] | np.ndarray, *, samples: int = 2000, level: float = 0.95,
+                seed: int = 0) -> DepthTrend:
+    """Early-vs-late trend (see :class:`DepthTrend`) of weighted cosines ``weighted`` of shape (L, H).
+
+    slope = Σ_l (x_l − x̄)(m_l − m̄) / Σ_l (x_l − x̄)², x_l = l / (L − 1); the bootstrap is seeded (``seed``),
+    so the interval is reproducible.
+    """
+    values = np.asarray(weighted, dtype=float)
+    if values.ndim != 2 or values.shape[0] < 1 or values.shape[1] < 1:
+        raise QKDissectError(f"depth_trend needs weighted cosines of shape (layers, heads), got {values.shape}.")
+    if not np.isfinite(values).all():
+        raise QKDissectError("depth_trend: the weighted cosines hold NaN or Inf; re-run `qkdissect dissect`.")
+    if samples < 1 or not 0 < level < 1:
+        raise QKDissectError(f"depth_trend needs samples ≥ 1 and 0 < level < 1, got {samples} and {level}.")
+    n_layers, n_heads = values.shape
+    depth = np.arange(n_layers) / max(n_layers - 1, 1)
+    means = values.mean(axis=1)
+    early, late = (float(means[part].mean()) if part.any() else float("nan")
+                   for part in (depth <= 1 / 3, (depth >= 2 / 3) & (n_layers > 1)))
+    if n_layers < 2:
+        nan = float("nan")
+        return DepthTrend(nan, nan, nan, early, late, level, samples)
+    centred = depth - depth.mean()
+    weights = centred / (centred @ centred)
+    picks = np.random.default_rng(seed).integers(0, n_heads, size=(samples, n_layers, n_heads))
+    resampled = np.take_along_axis(values[None], picks, axis=2).mean(axis=2)  # (samples, L)
+    slopes = resampled @ weights
+    low, high = np.quantile(slopes, [(1 - level) / 2, (1 + level) / 2])
+    return DepthTrend(float(means @ weights), float(low), float(high), early, late, level, samples)
 
 
 @dataclass(frozen=True)
@@ -63,6 +131,10 @@ class ComparedModel:
     def relative_depth(self) -> tuple[float, ...]:
         return tuple(layer / max(self.n_layers - 1, 1) for layer in range(self.n_layers))
 
+    def trend(self, *, samples: int = 2000, level: float = 0.95, seed: int = 0) -> DepthTrend:
+        """This model's early-vs-late trend (:func:`depth_trend` of its per-head weighted cosines)."""
+        return depth_trend(self.weighted, samples=samples, level=level, seed=seed)
+
     def to_json(self) -> dict[str, Any]:
         return {"label": self.label, "model": self.model, "family": self.family, "atlas": self.atlas,
                 "n_layers": self.n_layers, "n_heads": self.n_heads, "d_model": self.d_model, "d_head": self.d_head,
@@ -90,15 +162,21 @@ class Comparison:
                 "models": [model.to_json() for model in self.models]}
 
     def save(self, out: str | os.PathLike, figure: bool = True) -> list[Path]:
-        """Write ``compare.json`` (and ``compare.png``) into ``out``; returns the files written."""
-        out = Path(out)
-        written = []
-        if figure:
-            from qkdissect.plots import plot_compare
+        """Write ``compare.json`` (and ``compare.png``) into ``out`` (a previous comparison there is replaced, any
+        other non-empty folder refused: :mod:`qkdissect.outputs`); returns the files written."""
+        from qkdissect.outputs import write_output
 
-            written.append(plot_compare(self.models, [m.label for m in self.models], out / "compare.png"))
-        written.append(write_json(out / "compare.json", self.to_json()))
-        return written
+        out = Path(out)
+
+        def write(folder: Path) -> dict[str, Any]:
+            if figure:
+                from qkdissect.plots import plot_compare
+
+                plot_compare(self.models, [m.label for m in self.models], folder / "compare.png")
+            return self.to_json()
+
+        write_output(out, FORMAT, "compare.json", write)
+        return [out / "compare.png", out / "compare.json"] if figure else [out / "compare.json"]
 
 
 def compare(atlases: Sequence[ModeAtlas | str | os.PathLike], labels: Sequence[str] | None = None) -> Comparison:
@@ -146,5 +224,5 @@ def load_compare(folder: str | os.PathLike) -> Comparison:
                              f"{error}); {remedy}.") from None
     if not models:
         raise QKDissectError(f"{path} lists no models; {remedy}.")
-    meta = {k: v for k, v in document.items() if k not in ("format", "format_version", "models")}
+    meta = {k: v for k, v in document.items() if k not in ("format", "format_version", "models", "files")}
     return Comparison(models=models, meta=meta)

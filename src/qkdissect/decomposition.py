@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -29,12 +29,13 @@ from qkdissect.adapters.base import AttentionLayer
 from qkdissect.adapters.loading import LoadedModel, wrap_model
 from qkdissect.errors import QKDissectError
 from qkdissect.factored import factored_svd
-from qkdissect.files import atomic_write, library_versions, read_json_document, write_json
+from qkdissect.files import atomic_write, library_versions, read_json_document
 from qkdissect.metrics import NullReference, gaussian_null, mode_cosines, symmetric_fraction, weighted_cosine
 
 __all__ = ["FORMAT_VERSION", "HeadModes", "LayerModes", "ModeAtlas", "dissect", "factored_svd", "fold_layer_norm"]
 
 FORMAT_VERSION = 1
+ATLAS_FORMAT = "qkdissect-atlas"
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -228,23 +229,31 @@ class ModeAtlas:
             "layers": self.layer_summary(),
         }
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``atlas.safetensors`` and ``atlas.json`` into ``directory`` (created)."""
+    def save(self, directory: str | os.PathLike, *, extra: Callable[[Path], Any] | None = None) -> Path:
+        """Write ``atlas.safetensors`` and ``atlas.json`` into ``directory`` (created; a previous atlas there is
+        replaced, any other non-empty folder refused: see :mod:`qkdissect.outputs`). ``extra(folder)`` may write
+        more files (figures) into the same output before the index is written."""
+        from qkdissect.outputs import OutputFolder
+
+        with OutputFolder(directory, ATLAS_FORMAT, "atlas.json").claim(replace=True) as folder:
+            self.write_tensors(folder.staging / "atlas.safetensors")
+            if extra is not None:
+                extra(folder.staging)
+            folder.finish(self.to_json())
+        return Path(directory)
+
+    def write_tensors(self, path: str | os.PathLike) -> Path:
+        """Write the tensors of the atlas (``layers.{i}.{U,S,V,key_bias,ln_weight,ln_bias}``) to ``path``."""
         from safetensors.torch import save_file
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, Tensor] = {}
         for index, layer in enumerate(self.layers):
             for name in ("U", "S", "V", "key_bias", "ln_weight", "ln_bias"):
                 value = getattr(layer, name)
                 if value is not None:
                     tensors[f"layers.{index}.{name}"] = value.detach().cpu().contiguous()
-        atomic_write(directory / "atlas.safetensors",
-                      lambda p: save_file(tensors, str(p), metadata={"format": "qkdissect-atlas",
-                                                                     "format_version": str(FORMAT_VERSION)}))
-        write_json(directory / "atlas.json", self.to_json())
-        return directory
+        return atomic_write(path, lambda p: save_file(tensors, str(p), metadata={
+            "format": ATLAS_FORMAT, "format_version": str(FORMAT_VERSION)}))
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "ModeAtlas":
@@ -271,7 +280,7 @@ class ModeAtlas:
             except KeyError as error:
                 raise QKDissectError(f"{tensor_path} lacks {error.args[0]}; the atlas is incomplete.") from None
         meta = {k: v for k, v in document.items()
-                if k not in ("heads", "layers", "null", "format", "format_version", "degeneracy_tolerance")}
+                if k not in ("heads", "layers", "null", "format", "format_version", "degeneracy_tolerance", "files")}
         return cls(meta=meta, layers=tuple(layers), null=NullReference.from_dict(document["null"]),
                    gap_tol=float(document.get("degeneracy_tolerance", 1e-3)))
 

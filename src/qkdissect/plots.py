@@ -28,14 +28,18 @@ def new_figure(width: float = 7.0, height: float = 4.0):
 
 
 def save_figure(fig, path: str | os.PathLike) -> Path:
-    """Save ``fig`` as PNG (tight layout) and close it."""
+    """Save ``fig`` as PNG (tight layout) and close it; written to a temporary name and renamed, so a reader
+    never sees half a file."""
     import matplotlib.pyplot as plt
 
+    from qkdissect.files import atomic_write
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png"))
+    finally:
+        plt.close(fig)
     return path
 
 

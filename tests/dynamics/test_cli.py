@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from qkdissect.dynamics.cli import app
+from qkdissect.commands.dynamics import app
 
 runner = CliRunner()
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from qkdissect.commands.dynamics import app
 from qkdissect.decomposition import ModeAtlas
-from qkdissect.dynamics.cli import app
-from qkdissect.dynamics.icl_experiment import load_icl
-from qkdissect.dynamics.meta_experiments import load_metalearn
+from qkdissect.dynamics.runs.icl import load_icl
+from qkdissect.dynamics.runs.metalearn import load_metalearn
 from qkdissect.errors import QKDissectError
 
 runner = CliRunner()

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from qkdissect.dynamics.estimators import (
+from qkdissect.dynamics.incontext import concurrency, half_recovery_points, make_prior_tasks, sample_episode
+from qkdissect.dynamics.incontext.estimators import (
     bayes_estimate,
     estimator_recovery,
     min_norm_estimate,
@@ -15,7 +16,6 @@ from qkdissect.dynamics.estimators import (
     prior_row_covariance,
     ridge_estimate,
 )
-from qkdissect.dynamics.incontext import concurrency, half_recovery_points, make_prior_tasks, sample_episode
 from qkdissect.errors import QKDissectError
 
 # distinct sizes: N_x = 7, N_y = 6, r = 5 modes

@@ -9,7 +9,10 @@ import torch
 
 import qkdissect
 from qkdissect.decomposition import ModeAtlas
-from qkdissect.dynamics.icl import (
+from qkdissect.dynamics.curves import staggering
+from qkdissect.dynamics.incontext import make_prior_tasks, sample_episode
+from qkdissect.dynamics.incontext.model import ICLBatch, ICLTransformer, icl_batch, icl_mask
+from qkdissect.dynamics.incontext.train import (
     checkpoint_schedule,
     cosine_statistics,
     load_checkpoint,
@@ -17,9 +20,6 @@ from qkdissect.dynamics.icl import (
     train_icl,
     weight_spectra,
 )
-from qkdissect.dynamics.icl_experiment import staggering
-from qkdissect.dynamics.icl_model import ICLBatch, ICLTransformer, icl_batch, icl_mask
-from qkdissect.dynamics.incontext import make_prior_tasks, sample_episode
 from qkdissect.errors import QKDissectError
 from qkdissect.projection import capture_attention_inputs, logits_from_modes
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from qkdissect.dynamics.incontext import concurrency, make_prior_tasks, sample_episode
-from qkdissect.dynamics.metalearn import (
+from qkdissect.dynamics.incontext.metalearn import (
     LSTMMetaLearner,
     lstm_inputs,
     lstm_query_outputs,

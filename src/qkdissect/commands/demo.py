@@ -10,6 +10,8 @@ from rich.markup import escape
 
 from qkdissect.commands.common import console, err_console, guarded, progress_reporter
 
+DEMO_FORMAT, DEMO_INDEX = "qkdissect-demo", "demo.json"
+
 
 def _step(number: int, total: int, title: str) -> None:
     console.rule(f"[bold]{number}/{total}  {escape(title)}")
@@ -19,7 +21,8 @@ def register(app: typer.Typer) -> None:
     @app.command()
     @guarded
     def demo(
-        out: Path = typer.Option(Path("demo"), "--out", "-o", help="Output folder (created)."),
+        out: Path = typer.Option(Path("demo"), "--out", "-o", help="Output folder (created). Running the demo again "
+                                                                  "on it resumes: see below."),
         model: str = typer.Option("builtin:oddvit", help="Model spec to demonstrate on (any image model spec)."),
         quick: bool = typer.Option(False, "--quick", help="Small settings (about a minute): fewer images, "
                                                           "fewer bootstrap samples."),
@@ -33,11 +36,18 @@ def register(app: typer.Typer) -> None:
         query/key maps of a head; mine the top images of every mode over the set; generate odd-one-out images
         and measure the attention preference between objects; build the HTML report. Works offline; prints
         where to look at the end.
+
+        Running it again on the same --out (after it finished, or after it was interrupted) resumes: the mining
+        step continues from its checkpoint (or keeps its finished result when the settings are the same), every
+        other step rebuilds its own files, and the result is the same file for file. Only the demo's own files
+        are replaced; a non-empty folder that is not a demo folder is refused. With other settings the finished
+        mining run cannot be continued: use another --out.
         """
         from qkdissect import dissect, load_model
         from qkdissect.commands.dissect import summary_table, write_figures
         from qkdissect.errors import QKDissectError
         from qkdissect.mining import mine
+        from qkdissect.outputs import OutputFolder
         from qkdissect.preference import run_preference, save_preference
         from qkdissect.report import build_report
         from qkdissect.synthetic.oddoneout import generate_oddoneout
@@ -48,6 +58,7 @@ def register(app: typer.Typer) -> None:
         n_odd = odd_images or (24 if quick else 300)
         started = time.perf_counter()
         steps = 6
+        demo_folder = OutputFolder(out, DEMO_FORMAT, DEMO_INDEX, noun="demo folder").claim(replace=True)
 
         _step(1, steps, f"dissect {model}")
         with err_console.status(f"loading {model}"):
@@ -55,8 +66,7 @@ def register(app: typer.Typer) -> None:
         if loaded.adapter.modality != "image":
             raise QKDissectError(f"the demo needs an image model; {model} reads {loaded.adapter.modality}.")
         atlas = dissect(loaded, null_samples=200 if quick else 1000, seed=seed)
-        atlas.save(out / "atlas")
-        write_figures(atlas, out / "atlas")
+        atlas.save(out / "atlas", extra=lambda folder: write_figures(atlas, folder))
         console.print(summary_table(atlas, f"{loaded.spec}: weighted cosine Σσcos/Σσ per layer"))
 
         _step(2, steps, f"generate {n_world} images of the procedural world")
@@ -75,8 +85,12 @@ def register(app: typer.Typer) -> None:
 
         _step(4, steps, f"mine the top images of every mode over {n_world} images")
         with progress_reporter({"mining": "mining images", "sheets": "contact sheets"}) as progress:
-            mine(loaded, world, out / "mined", top_k=6 if quick else 9, batch_size=32, atlas=atlas,
-                 sheet_modes=(0, 1) if quick else (0, 1, 2, 3), progress=progress)
+            try:
+                mine(loaded, world, out / "mined", top_k=6 if quick else 9, batch_size=32, atlas=atlas,
+                     sheet_modes=(0, 1) if quick else (0, 1, 2, 3), resume=True, progress=progress)
+            except QKDissectError as error:
+                raise QKDissectError(f"{error} ({out} holds a demo run with other settings: use another --out.)") \
+                    from None
 
         _step(5, steps, f"attention preference on {n_odd} odd-one-out images")
         with progress_reporter({"oddoneout": "odd-one-out images", "preference": "preference"}) as progress:
@@ -96,6 +110,12 @@ def register(app: typer.Typer) -> None:
                                   mined=out / "mined", maps=[out / "maps"], progress=progress)
         for warning in result.warnings:
             console.print(f"[yellow]{escape(warning)}[/]")
+        demo_folder.finish({"format_version": 1, "model": model, "quick": quick, "images": n_world,
+                            "odd_images": n_odd, "seed": seed,
+                            "parts": {"atlas": "atlas/atlas.json", "world": "world/world.json",
+                                      "maps": "maps/maps.json", "mined": "mined/mined.json",
+                                      "oddoneout": "oddoneout/manifest.json",
+                                      "preference": "preference/preference.json", "report": "report/report.json"}})
 
         console.rule("[bold green]done")
         console.print(f"finished in {time.perf_counter() - started:.0f} s. Look at:\n"

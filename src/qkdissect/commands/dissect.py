@@ -6,11 +6,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from qkdissect.commands.common import console, err_console, guarded
 
 if TYPE_CHECKING:
+    from qkdissect.comparison import DepthTrend
     from qkdissect.decomposition import ModeAtlas
 
 
@@ -30,6 +32,30 @@ def layer_table(rows: Sequence[dict[str, Any]], band: tuple[float, float], title
         table.add_row(str(row["layer"]), f"{row['mean_weighted_cosine']:+.3f}", f"{row['min_weighted_cosine']:+.3f}",
                       f"{row['max_weighted_cosine']:+.3f}", f"{row['share_heads_above_null']:.0%}",
                       f"{row['share_heads_below_null']:.0%}", f"{row['share_modes_above_null']:.0%}")
+    return table
+
+
+def trend_rows(label: str, n_layers: int, n_heads: int, trend: DepthTrend) -> list[str]:
+    """The cells of one model in :func:`trend_table`."""
+    def signed(value: float) -> str:
+        return "—" if value != value else f"{value:+.3f}"  # NaN: undefined (one layer)
+
+    return [escape(label), f"{n_layers} × {n_heads}", signed(trend.early), signed(trend.late), signed(trend.slope),
+            "—" if trend.low != trend.low else f"[{trend.low:+.3f}, {trend.high:+.3f}]", trend.direction]
+
+
+def trend_table(rows: Sequence[list[str]], title: str = "early-vs-late trend", level: float = 0.95,
+                extra: Sequence[str] = ()) -> Table:
+    """Rich table of :func:`trend_rows` (plus ``extra`` columns): mean C over the first and last third of the
+    layers, the slope of the layer-mean C over relative depth and its bootstrap interval over heads."""
+    table = Table(title=title, caption=f"slope: least-squares slope of the layer-mean weighted cosine against "
+                                       f"relative depth; interval: central {level:.0%} of a bootstrap over heads; "
+                                       "rises / falls when the interval excludes 0")
+    for column in ("model", "layers × heads", "early C", "late C", "slope", f"{level:.0%} CI", "trend", *extra):
+        table.add_column(column, justify="left" if column in ("model", "trend", *extra) else "right",
+                         no_wrap=column not in ("model", "layers × heads", *extra))
+    for row in rows:
+        table.add_row(*row)
     return table
 
 
@@ -65,14 +91,17 @@ def register(app: typer.Typer) -> None:
         """
         from qkdissect import dissect as run_dissect
         from qkdissect import load_model
+        from qkdissect.decomposition import ATLAS_FORMAT
+        from qkdissect.outputs import check_out
 
+        check_out(out, ATLAS_FORMAT, "atlas.json")
         with err_console.status(f"loading {model}"):
             loaded = load_model(model, checkpoint, random_init=random_init)
         with err_console.status("decomposing"):
             atlas = run_dissect(loaded, fold_ln=fold_ln, dtype=dtype, device=device, null_samples=null_samples,
                                 null_percentile=null_percentile, seed=seed)
-        atlas.save(out)
-        figures = write_figures(atlas, out)
+        atlas.save(out, extra=lambda folder: write_figures(atlas, folder))
+        figures = [out / "layer_similarity.png", out / "mode_cosines.png"]
         console.print(summary_table(atlas, f"{loaded.spec} — {loaded.family}, {atlas.n_layers} layers × "
                                            f"{atlas.n_heads} heads, d_model {atlas.d_model}, d_head {atlas.rank}"))
         degenerate = int(atlas.degenerate.sum())
@@ -91,10 +120,14 @@ def register(app: typer.Typer) -> None:
         labels: Optional[str] = typer.Option(None, help="Comma-separated labels (default: the model specs)."),
     ) -> None:
         """Layer-wise similarity curves of several models side by side (relative depth on the x axis)."""
+        from qkdissect.comparison import FORMAT
         from qkdissect.comparison import compare as run_compare
+        from qkdissect.outputs import check_out
 
+        check_out(out, FORMAT, "compare.json")
         comparison = run_compare(atlases, labels.split(",") if labels else None)
         figure, index = comparison.save(out)
         for model in comparison.models:
             console.print(layer_table(model.layers, model.band, model.label))
+        console.print(trend_table([trend_rows(m.label, m.n_layers, m.n_heads, m.trend()) for m in comparison.models]))
         console.print(f"wrote {figure} and {index}")

@@ -74,7 +74,8 @@ def register(app: typer.Typer) -> None:
         objects: str = typer.Option("5", help="Objects per image (target included): a count, or a range like 3-6."),
         radius: Optional[float] = typer.Option(None, help="Object radius in px (default: min(size)/14)."),
         noise: float = typer.Option(12.0, help="Std of the Gaussian background pixel noise (0–255 scale)."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a data set generated earlier in --out."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a data set generated earlier in --out "
+                                                                  "(only the files its manifest.json lists)."),
     ) -> None:
         """Generate odd-one-out images (one target differing from identical distractors) with exact masks.
 
@@ -82,8 +83,10 @@ def register(app: typer.Typer) -> None:
         masks) and manifest.json (seed, feature, per image the objects and their boxes). Same options, same
         seed: byte-identical files. Read it back with `qkdissect preference MODEL --data OUT`.
         """
-        from qkdissect.synthetic.oddoneout import generate_oddoneout
+        from qkdissect.outputs import check_out
+        from qkdissect.synthetic.oddoneout import FORMAT, MANIFEST, generate_oddoneout
 
+        check_out(out, FORMAT, MANIFEST, replace=overwrite, flag="--overwrite")
         hw = parse_size(size)
         started = time.perf_counter()
         with progress_reporter({"oddoneout": "drawing"}, unit="img/s") as progress:
@@ -133,9 +136,12 @@ def register(app: typer.Typer) -> None:
         """
         from qkdissect import load_model
         from qkdissect.decomposition import ModeAtlas
+        from qkdissect.outputs import check_out
         from qkdissect.preference import run_preference, save_preference
+        from qkdissect.preference.result import FORMAT
         from qkdissect.synthetic.oddoneout import read_o3_folder
 
+        check_out(out, FORMAT, "preference.json")
         folder = read_o3_folder(data)
         with err_console.status(f"loading {model}"):
             loaded = load_model(model, checkpoint, random_init=random_init)

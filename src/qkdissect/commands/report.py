@@ -18,8 +18,8 @@ def register(app: typer.Typer) -> None:
     def report(
         atlas: Path = typer.Argument(..., help="Atlas folder written by `qkdissect dissect`."),
         out: Path = typer.Option(Path("report"), "--out", "-o",
-                                 help="Report folder (created; a previous report there is replaced, any other "
-                                      "non-empty folder is refused)."),
+                                 help="Report folder (created; the files of a previous report there are replaced, "
+                                      "nothing else is touched; any other non-empty folder is refused)."),
         compare: Optional[List[Path]] = typer.Option(
             None, "--compare", help="Another atlas folder, or a `qkdissect compare` folder, for the comparison page. "
                                     "Repeat for several: --compare a/ --compare b/."),
@@ -41,8 +41,11 @@ def register(app: typer.Typer) -> None:
         when those inputs are given. Keys on head pages: ←/→ head, ↑/↓ layer, Esc or h: overview.
         """
         from qkdissect.decomposition import ModeAtlas
+        from qkdissect.outputs import check_out
         from qkdissect.report import build_report
+        from qkdissect.report.build import MANIFEST, REPORT_FORMAT
 
+        check_out(out, REPORT_FORMAT, MANIFEST)
         with err_console.status(f"reading {atlas}"):
             loaded = ModeAtlas.load(atlas)
         with progress_reporter({"pages": "head pages"}, transient=True, unit="pages/s") as progress:

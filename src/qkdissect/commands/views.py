@@ -64,8 +64,11 @@ def register(app: typer.Typer) -> None:
         (--text) a token strip: per token the query (red) and key (cyan) value of each mode, values printed.
         Bad files are reported after every good file is written.
         """
+        from qkdissect.outputs import check_out
         from qkdissect.views import run_maps
+        from qkdissect.views.context import MAPS_FORMAT
 
+        check_out(out, MAPS_FORMAT, "maps.json")
         ctx = _load(model, checkpoint, random_init, atlas)
         selected = parse_int_list(modes, "modes")
         sources, texts = list(images or []), list(text or [])
@@ -110,8 +113,11 @@ def register(app: typer.Typer) -> None:
         share is ⟨C̄_k, L̄⟩/⟨L̄, L̄⟩, so the shares of all modes plus the key-bias term sum to 1 (a negative
         share works against the rest). Writes rank.csv (every row), rank.json and a bar chart per input.
         """
+        from qkdissect.outputs import check_out
         from qkdissect.views import run_rank
+        from qkdissect.views.context import RANK_FORMAT
 
+        check_out(out, RANK_FORMAT, "rank.json")
         ctx = _load(model, checkpoint, random_init, atlas)
         layers = parse_int_list(layer, "layer")
         sources, texts = list(images or []), list(text or [])

@@ -1,4 +1,4 @@
-"""Attention preference between objects (spec §4): same object / other objects / background.
+"""Attention preference between objects: same object / other objects / background.
 
 Protocol, per image, layer l, head h and query kind (target / distractor, see
 :func:`qkdissect.synthetic.oddoneout.query_maps`):

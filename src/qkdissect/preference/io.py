@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from qkdissect.errors import QKDissectError
-from qkdissect.files import atomic_write, write_json
+from qkdissect.files import atomic_write
 from qkdissect.preference.result import (
     CATEGORIES,
     FORMAT,
@@ -87,31 +87,34 @@ def save_preference(result: PreferenceResult, out: str | os.PathLike, figures: b
     """Write the output folder described in the module docstring; returns the files written."""
     from safetensors.numpy import save_file
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    arrays = {"shares": result.shares, "prefix": result.prefix}
-    for name, interval in (("layer", result.layer), ("head", result.head), ("prefix_layer", result.prefix_layer),
-                           ("prefix_head", result.prefix_head)):
-        for key in ("mean", "lo", "hi"):
-            arrays[f"{name}_{key}"] = getattr(interval, key)
-    arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}
-    written = [atomic_write(out / "preference.safetensors",
-                            lambda p: save_file(arrays, str(p), metadata={"format": FORMAT}))]
-    document = {**result.meta, "names": list(result.names),
-                "problems": [p.to_dict() for p in result.problems], "layers": _layer_document(result)}
-    written.append(write_json(out / "preference.json", document))
-    columns = ["layer", "query", "source", "variant", "category", "mean", "lo", "hi", "n_images"]
-    written += _write_table(out / "preference_layers.csv", columns, _table_rows(result, per_head=False))
-    written += _write_table(out / "preference_heads.csv", columns[:1] + ["head"] + columns[1:],
-                            _table_rows(result, per_head=True))
-    written += _write_table(out / "problems.csv", ["name", "kind", "detail"],
-                            [[p.name, p.kind, p.detail] for p in result.problems])
-    if figures and len(result.names):
-        from qkdissect.preference.plots import plot_preference, plot_preference_modes
+    from qkdissect.outputs import OutputFolder
 
-        written.append(plot_preference(result, out / "preference.png"))
-        written.append(plot_preference_modes(result, out / "preference_modes.png"))
-    return written
+    out = Path(out)
+    with OutputFolder(out, FORMAT, "preference.json").claim(replace=True) as folder:
+        staging = folder.staging
+        arrays = {"shares": result.shares, "prefix": result.prefix}
+        for name, interval in (("layer", result.layer), ("head", result.head), ("prefix_layer", result.prefix_layer),
+                               ("prefix_head", result.prefix_head)):
+            for key in ("mean", "lo", "hi"):
+                arrays[f"{name}_{key}"] = getattr(interval, key)
+        arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}
+        written = [atomic_write(staging / "preference.safetensors",
+                                lambda p: save_file(arrays, str(p), metadata={"format": FORMAT}))]
+        columns = ["layer", "query", "source", "variant", "category", "mean", "lo", "hi", "n_images"]
+        written += _write_table(staging / "preference_layers.csv", columns, _table_rows(result, per_head=False))
+        written += _write_table(staging / "preference_heads.csv", columns[:1] + ["head"] + columns[1:],
+                                _table_rows(result, per_head=True))
+        written += _write_table(staging / "problems.csv", ["name", "kind", "detail"],
+                                [[p.name, p.kind, p.detail] for p in result.problems])
+        if figures and len(result.names):
+            from qkdissect.preference.plots import plot_preference, plot_preference_modes
+
+            written.append(plot_preference(result, staging / "preference.png"))
+            written.append(plot_preference_modes(result, staging / "preference_modes.png"))
+        document = {**result.meta, "names": list(result.names),
+                    "problems": [p.to_dict() for p in result.problems], "layers": _layer_document(result)}
+        index = folder.finish(document)
+    return [index] + [out / path.relative_to(staging) for path in written]
 
 
 def load_preference(directory: str | os.PathLike) -> PreferenceResult:
@@ -140,7 +143,7 @@ def load_preference(directory: str | os.PathLike) -> PreferenceResult:
         return Interval(*(arrays[f"{name}_{k}"].astype(np.float64) for k in ("mean", "lo", "hi")))
 
     problems = tuple(Problem(p["name"], p["kind"], p["detail"]) for p in document.get("problems", []))
-    meta = {k: v for k, v in document.items() if k not in ("layers", "problems", "names")}
+    meta = {k: v for k, v in document.items() if k not in ("layers", "problems", "names", "files")}
     return PreferenceResult(meta=meta, layers=tuple(document["layers_analysed"]), sources=tuple(document["sources"]),
                             names=tuple(document.get("names", [])), shares=arrays["shares"], prefix=arrays["prefix"],
                             layer=interval("layer"), head=interval("head"), prefix_layer=interval("prefix_layer"),

@@ -16,14 +16,16 @@ Output folder (everything local; open ``index.html`` from disk, no server, no ne
     img/maps/<nn>/<item>_<mode|strip>.png              figures copied from maps folders (--maps)
     report.json                       manifest: {"format": "qkdissect-report", "format_version", "model",
                                       "n_layers", "n_heads", "sections", "inputs", "pages", "n_files",
-                                      "bytes", "warnings", "build_seconds", "created", "versions"}; read with
+                                      "bytes", "warnings", "build_seconds", "created", "versions",
+                                      "files": every other file of the report}; read with
                                       :func:`load_report`
 
 Each page inlines its CSS and JS (one small hand-written stylesheet and script from ``static/``) and
 carries a Content-Security-Policy that blocks network access and any script but the report's own
 (by hash). All text from user data (model ids, file names, labels) passes through Jinja2's autoescape.
-The report is written into a temporary sibling folder and moved into place at the end, so a failure
-never leaves half a report, and an existing folder is replaced only if it is a previous report.
+The report is written into the staging folder ``.qkdissect-tmp/`` and moved into place at the end, so a
+failure never leaves half a report; an existing folder is used only if it is a previous report, and then only
+the files its report.json lists are replaced or removed (:mod:`qkdissect.outputs`).
 """
 
 from qkdissect.report.assets import head_page_name

@@ -1,11 +1,9 @@
-"""Building a report folder: read and check every input, write the pages into a temporary folder, move it into
-place (see :mod:`qkdissect.report` for the files)."""
+"""Building a report folder: read and check every input, write the pages into the staging folder of ``--out``, move
+them into place (see :mod:`qkdissect.report` for the files, :mod:`qkdissect.outputs` for the ownership rules)."""
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +12,8 @@ from typing import Any, Callable, Sequence
 from markupsafe import Markup
 
 from qkdissect.decomposition import ModeAtlas
-from qkdissect.errors import QKDissectError
 from qkdissect.files import library_versions, read_json_document
+from qkdissect.outputs import JOURNAL, OutputFolder
 from qkdissect.progress import ProgressFn, report
 from qkdissect.report.assets import environment, png_size
 from qkdissect.report.sources import CompareSource, read_compare_sources
@@ -25,6 +23,7 @@ __all__ = ["FORMAT_VERSION", "MANIFEST", "ReportResult", "build_report", "load_r
 
 FORMAT_VERSION = 1
 MANIFEST = "report.json"
+REPORT_FORMAT = "qkdissect-report"
 
 
 @dataclass(frozen=True)
@@ -47,31 +46,6 @@ def _load_atlas(atlas: ModeAtlas | str | os.PathLike, atlas_dir: str | None) -> 
     if isinstance(atlas, ModeAtlas):
         return atlas, atlas_dir
     return ModeAtlas.load(atlas), str(atlas)
-
-
-def _prepare_out(out: Path) -> Path:
-    """Check that ``out`` may be (re)placed and return the temporary folder to build in."""
-    if out.exists():
-        if not out.is_dir():
-            raise QKDissectError(f"--out {out} is a file; give a folder for the report.")
-        if any(out.iterdir()) and not (out / MANIFEST).is_file():
-            raise QKDissectError(f"--out {out} is not empty and holds no {MANIFEST}: it is not a previous qkdissect "
-                                 "report, so nothing in it was touched. Give a new or empty folder.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.building-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    return tmp
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def build_report(
@@ -102,28 +76,24 @@ def build_report(
     sources = read_compare_sources(compare)
     inputs = _Inputs(sources=sources, preference=_load_preference(preference), **_load_views(atlas, mined, maps))
     sections = {"compare": bool(sources), "preference": inputs.preference is not None}
-    tmp = _prepare_out(out)
-    try:
+    with OutputFolder(out, REPORT_FORMAT, MANIFEST).claim(replace=True) as folder:
+        tmp = folder.staging
         pages = _write_pages(tmp, atlas, atlas_dir, inputs, sections, progress)
-        files = [p for p in tmp.rglob("*") if p.is_file()]
+        files = [p for p in tmp.rglob("*") if p.is_file() and p.name != JOURNAL]
         manifest = {
-            "format": "qkdissect-report", "format_version": FORMAT_VERSION, "model": atlas.meta.get("model"),
+            "format": REPORT_FORMAT, "format_version": FORMAT_VERSION, "model": atlas.meta.get("model"),
             "n_layers": atlas.n_layers, "n_heads": atlas.n_heads,
             "sections": ["overview", "heads", *[name for name, on in sections.items() if on]],
             "inputs": {"atlas": atlas_dir, "compare": [str(p) for p in compare],
                        "preference": None if preference is None else str(preference),
                        "mined": None if mined is None else str(mined), "maps": [str(p) for p in maps]},
-            "pages": sorted(str(p.relative_to(tmp)) for p in pages),
+            "pages": sorted(p.relative_to(tmp).as_posix() for p in pages),
             "n_files": len(files) + 1, "bytes": sum(p.stat().st_size for p in files),
             "warnings": _warnings(inputs, atlas),
             "build_seconds": round(time.perf_counter() - started, 3),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": library_versions(),
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        folder.finish(manifest)
     return ReportResult(out=out, index=out / "index.html", n_pages=len(pages),
                         n_head_pages=atlas.n_layers * atlas.n_heads,
                         n_images=sum(p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") for p in files),
@@ -261,4 +231,4 @@ def _views_summary(inputs: _Inputs, tables: AtlasTables) -> dict[str, Any] | Non
 def load_report(directory: str | os.PathLike) -> dict[str, Any]:
     """Read the manifest (report.json) of a report folder; QKDissectError if it is not one."""
     return read_json_document(Path(directory) / MANIFEST, missing=f"{directory} is not a qkdissect report folder",
-                              remedy="regenerate the report with `qkdissect report`", kind="qkdissect-report")
+                              remedy="regenerate the report with `qkdissect report`", kind=REPORT_FORMAT)

@@ -5,7 +5,10 @@
   report's model in one ``plots.plot_compare`` figure, or
 * a comparison folder (``compare.json`` [+ ``compare.png``] written by ``qkdissect compare``, read with
   :func:`qkdissect.comparison.load_compare`): every model in it joins the tables, and its figure is copied into
-  the report.
+  the report, or
+* a survey folder (``survey.json``, written by ``qkdissect survey``): its comparison folder ``compare/``.
+
+Every model's early-vs-late trend (:meth:`qkdissect.comparison.ComparedModel.trend`) is in the models table.
 """
 
 from __future__ import annotations
@@ -50,9 +53,15 @@ def read_compare_sources(paths: Sequence[str | os.PathLike]) -> list[CompareSour
             sources.append(CompareSource(ComparedModel.from_atlas(ModeAtlas.load(path), source=str(path)), str(path)))
         elif (path / "compare.json").is_file():
             sources.extend(_from_compare_folder(path))
+        elif (path / "survey.json").is_file():
+            if not (path / "compare" / "compare.json").is_file():
+                raise QKDissectError(f"--compare {path}: the survey has no comparison yet ({path / 'compare'} is "
+                                     "missing); re-run `qkdissect survey` on it until a model is done.")
+            sources.extend(_from_compare_folder(path / "compare"))
         else:
             raise QKDissectError(f"--compare {path}: expected an atlas folder (with atlas.json, from `qkdissect "
-                                 "dissect`) or a comparison folder (with compare.json, from `qkdissect compare`).")
+                                 "dissect`) or a comparison folder (with compare.json, from `qkdissect compare`; "
+                                 "or a survey folder with survey.json, from `qkdissect survey`).")
     return sources
 
 
@@ -103,5 +112,5 @@ def compare_context(atlas: ModeAtlas, atlas_dir: str | None, sources: list[Compa
     table = [{"label": label, "model": m.model, "family": m.family, "n_layers": m.n_layers,
               "n_heads": m.n_heads, "d_model": m.d_model, "d_head": m.d_head,
               "band": m.band, "means": m.means, "overall": sum(m.means) / len(m.means), "above": m.above,
-              "source": entry.source} for m, entry, label in zip(models, entries, labels)]
+              "trend": m.trend(), "source": entry.source} for m, entry, label in zip(models, entries, labels)]
     return {"models": table, "layer_rows": rows, "figures": figures}

@@ -40,12 +40,11 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from qkdissect.errors import QKDissectError
-from qkdissect.files import atomic_write, write_json
 from qkdissect.images import IMAGE_EXTENSIONS, open_image
 from qkdissect.progress import ProgressFn, report
 from qkdissect.synthetic.scenes import FEATURES, Scene, odd_one_out_scene
@@ -74,10 +73,10 @@ def oddoneout_scene(seed: int, index: int, hw: tuple[int, int], feature: str = "
     return odd_one_out_scene(rng, hw, count, feature, radius=radius, noise=noise)
 
 
-def _png_bytes_writer(array: np.ndarray) -> Callable[[Path], None]:
+def _write_png(path: Path, array: np.ndarray) -> None:
     from PIL import Image
 
-    return lambda path: Image.fromarray(array).save(path, format="PNG")
+    Image.fromarray(array).save(path, format="PNG")
 
 
 def generate_oddoneout(out: str | os.PathLike, n: int, hw: tuple[int, int] = (224, 224), *, seed: int = 0,
@@ -86,8 +85,8 @@ def generate_oddoneout(out: str | os.PathLike, n: int, hw: tuple[int, int] = (22
                        progress: ProgressFn | None = None) -> dict[str, Any]:
     """Write ``n`` odd-one-out images with target/distractor masks and a manifest into ``out``.
 
-    Returns the manifest. Refuses a folder that already holds images unless ``overwrite``; then
-    the files listed in its old manifest are removed first (nothing else is deleted).
+    Returns the manifest. Refuses a folder that already holds a data set unless ``overwrite``, and any other
+    non-empty folder; replacing removes only the files listed in the old manifest (:mod:`qkdissect.outputs`).
     ``progress("oddoneout", done, n)`` is called after each image.
     """
     if feature not in FEATURES:
@@ -99,48 +98,41 @@ def generate_oddoneout(out: str | os.PathLike, n: int, hw: tuple[int, int] = (22
     low, high = (objects, objects) if isinstance(objects, int) else objects
     if low < 2 or high < low:
         raise QKDissectError(f"objects must be ≥ 2 (a target and at least one distractor), got {objects}.")
-    out = Path(out)
-    folders = [out / IMAGE_DIR, out / TARGET_DIR, out / DISTRACTOR_DIR]
-    existing = [p for folder in folders if folder.is_dir() for p in folder.iterdir()]
-    if existing and not overwrite:
-        raise QKDissectError(f"{out} already holds {len(existing)} files in images/, targ_images/ or dist_images/; "
-                             "choose another --out or pass --overwrite.")
-    if existing:
-        _remove_previous(out, folders)
-    for folder in folders:
-        folder.mkdir(parents=True, exist_ok=True)
-    width = max(5, len(str(n - 1)))
-    entries, features = [], Counter()
-    for index in range(n):
-        scene = oddoneout_scene(seed, index, hw, feature, objects, noise, radius)
-        name = f"{index:0{width}d}"
-        target = scene.masks[0]
-        distractors = scene.masks[1:].any(axis=0)
-        atomic_write(folders[0] / f"{name}.png", _png_bytes_writer(scene.image))
-        atomic_write(folders[1] / f"{name}.png", _png_bytes_writer(target.astype(np.uint8) * 255))
-        atomic_write(folders[2] / f"{name}.png", _png_bytes_writer(distractors.astype(np.uint8) * 255))
-        features[scene.feature] += 1
-        entries.append({"name": name, "feature": scene.feature, "n_objects": len(scene.objects),
-                        "target": scene.objects[0].to_dict(),
-                        "distractors": [obj.to_dict() for obj in scene.objects[1:]]})
-        report(progress, "oddoneout", index + 1, n)
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "seed": int(seed), "feature": feature,
-                "size": [int(hw[0]), int(hw[1])], "objects": [int(low), int(high)], "noise": float(noise),
-                "radius": radius, "n": int(n), "features": dict(sorted(features.items())),
-                "mask_encoding": "8-bit grey PNG, 255 = object pixel", "images": entries}
-    write_json(out / MANIFEST, manifest)  # written last: a manifest means the set is complete
-    return manifest
+    from qkdissect.outputs import OutputFolder
+
+    with OutputFolder(out, FORMAT, MANIFEST, noun="odd-one-out data set").claim(replace=overwrite,
+                                                                               flag="--overwrite") as folder:
+        folders = [folder.staging / IMAGE_DIR, folder.staging / TARGET_DIR, folder.staging / DISTRACTOR_DIR]
+        for path in folders:
+            path.mkdir(parents=True, exist_ok=True)
+        width = max(5, len(str(n - 1)))
+        entries, features = [], Counter()
+        for index in range(n):
+            scene = oddoneout_scene(seed, index, hw, feature, objects, noise, radius)
+            name = f"{index:0{width}d}"
+            target = scene.masks[0]
+            distractors = scene.masks[1:].any(axis=0)
+            _write_png(folders[0] / f"{name}.png", scene.image)
+            _write_png(folders[1] / f"{name}.png", target.astype(np.uint8) * 255)
+            _write_png(folders[2] / f"{name}.png", distractors.astype(np.uint8) * 255)
+            features[scene.feature] += 1
+            entries.append({"name": name, "feature": scene.feature, "n_objects": len(scene.objects),
+                            "target": scene.objects[0].to_dict(),
+                            "distractors": [obj.to_dict() for obj in scene.objects[1:]]})
+            report(progress, "oddoneout", index + 1, n)
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "seed": int(seed), "feature": feature,
+                    "size": [int(hw[0]), int(hw[1])], "objects": [int(low), int(high)], "noise": float(noise),
+                    "radius": radius, "n": int(n), "features": dict(sorted(features.items())),
+                    "mask_encoding": "8-bit grey PNG, 255 = object pixel", "images": entries}
+        folder.finish(manifest)  # written last: a manifest means the set is complete
+    return {**manifest, "files": read_manifest_files(out)}
 
 
-def _remove_previous(out: Path, folders: list[Path]) -> None:
-    manifest = _read_manifest(out)
-    if manifest is None:
-        raise QKDissectError(f"{out} holds images but no qkdissect manifest; --overwrite only replaces a data set "
-                             "that qkdissect generated. Choose an empty --out.")
-    for entry in manifest.get("images", []):
-        for folder in folders:
-            (folder / f"{entry['name']}.png").unlink(missing_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)
+def read_manifest_files(root: str | os.PathLike) -> list[str]:
+    """The files a generated data set consists of (its manifest's ``files``)."""
+    from qkdissect.outputs import output_files
+
+    return output_files(root, MANIFEST) or []
 
 
 def _read_manifest(root: Path) -> dict[str, Any] | None:

@@ -24,7 +24,8 @@ Image folder written by :func:`write_world_images` (read back with :func:`read_w
     FOLDER/world.json          {"format": "qkdissect-world", "version": 1, "seed", "n",
                                 "config": WorldConfig fields, "tasks": {task: [class names]},
                                 "images": [{"file", "index", "labels": {task: class name},
-                                            "objects": [SceneObject.to_dict(), target first]}]}
+                                            "objects": [SceneObject.to_dict(), target first]}],
+                                "files": [the PNG files]}
 """
 
 from __future__ import annotations
@@ -255,33 +256,32 @@ def write_world_images(folder: str | os.PathLike, n: int, seed: int = 2, size: i
                        config: WorldConfig | None = None, progress: ProgressFn | None = None) -> Path:
     """Write samples ``0 … n−1`` of the world with ``seed`` as PNGs plus ``world.json`` (see module doc).
 
-    Existing images of the same (seed, index, size) are rewritten identically, so a re-run is harmless.
-    Returns the folder.
+    A previous world folder there is replaced (only its listed files; :mod:`qkdissect.outputs`), so a re-run is
+    harmless; any other non-empty folder is refused. Returns the folder.
     """
     from PIL import Image
 
-    from qkdissect.files import atomic_write, write_json
+    from qkdissect.outputs import OutputFolder
 
     if n < 1:
         raise QKDissectError(f"expected at least one image, got n={n}.")
     config = config or WorldConfig(image_size=size)
     if config.image_size != size:
         raise QKDissectError(f"size={size} disagrees with config.image_size={config.image_size}.")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    records = []
-    for batch in iterate(seed, n, 100, config):
-        for row, index in enumerate(batch.indices):
-            name = f"world_{int(index):05d}.png"
-            atomic_write(folder / name, lambda p, a=batch.images[row]: Image.fromarray(a).save(p, format="PNG"))
-            records.append({"file": name, "index": int(index), "labels": batch.label_names(row),
-                            "objects": [obj.to_dict() for obj in batch.objects[row]]})
-        report(progress, "world", len(records), n)
-    write_json(folder / "world.json", {
-        "format": WORLD_FORMAT, "version": 1, "seed": int(seed), "n": int(n), "config": config.to_dict(),
-        "tasks": {task.name: list(task.classes) for task in TASKS}, "images": records,
-    })
-    return folder
+    with OutputFolder(folder, WORLD_FORMAT, "world.json", noun="world image folder").claim(replace=True) as output:
+        records = []
+        for batch in iterate(seed, n, 100, config):
+            for row, index in enumerate(batch.indices):
+                name = f"world_{int(index):05d}.png"
+                Image.fromarray(batch.images[row]).save(output.staging / name, format="PNG")
+                records.append({"file": name, "index": int(index), "labels": batch.label_names(row),
+                                "objects": [obj.to_dict() for obj in batch.objects[row]]})
+            report(progress, "world", len(records), n)
+        output.finish({
+            "format": WORLD_FORMAT, "version": 1, "seed": int(seed), "n": int(n), "config": config.to_dict(),
+            "tasks": {task.name: list(task.classes) for task in TASKS}, "images": records,
+        })
+    return Path(folder)
 
 
 def read_world_folder(folder: str | os.PathLike) -> dict[str, Any]:

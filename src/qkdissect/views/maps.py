@@ -12,7 +12,7 @@ import numpy as np
 from torch import Tensor
 
 from qkdissect.errors import QKDissectError
-from qkdissect.files import atomic_write, write_json
+from qkdissect.files import atomic_write
 from qkdissect.progress import ProgressFn, report
 from qkdissect.views.context import (
     FORMAT_VERSION,
@@ -147,29 +147,33 @@ def run_maps(ctx: ViewContext, out: str | os.PathLike, *, layer: int, head: int,
     if signs not in ("both", "best"):
         raise QKDissectError(f"signs must be 'both' or 'best', got {signs!r}.")
     check_head(ctx.atlas, layer, head, modes)
-    out = Path(out)
-    failed: list[dict[str, str]] = []
-    entries = []
-    total = len(images) + len(texts)
-    for done, item in enumerate(iter_inputs(ctx, images, texts, failed), start=1):
-        if item is None:
+    from qkdissect.outputs import OutputFolder
+
+    with OutputFolder(out, MAPS_FORMAT, "maps.json").claim(replace=True) as folder:
+        staging = folder.staging
+        failed: list[dict[str, str]] = []
+        entries = []
+        total = len(images) + len(texts)
+        for done, item in enumerate(iter_inputs(ctx, images, texts, failed), start=1):
+            if item is None:
+                report(progress, "maps", done, total)
+                continue
+            batch, mask = forward_input(item)
+            maps = head_maps(ctx, batch, layer, head, modes, mask)
+            if item.kind == "image":
+                entries.append(_write_image_item(ctx, staging, item, maps, signs))
+            else:
+                entries.append(_write_text_item(ctx, staging, item, maps))
             report(progress, "maps", done, total)
-            continue
-        batch, mask = forward_input(item)
-        maps = head_maps(ctx, batch, layer, head, modes, mask)
-        if item.kind == "image":
-            entries.append(_write_image_item(ctx, out, item, maps, signs))
-        else:
-            entries.append(_write_text_item(ctx, out, item, maps))
-        report(progress, "maps", done, total)
-    atlas = ctx.atlas
-    document = {"format": MAPS_FORMAT, "format_version": FORMAT_VERSION, **model_meta(ctx), "layer": layer,
-                "head": head, "modes": [{"mode": m, "sigma": float(atlas.layers[layer].S[head, m]),
-                                         "cosine": float(atlas.cosines[layer, head, m])} for m in modes],
-                "signs": signs,
-                "score": "score± = max(0, max_p ±q_p)·max(0, max_p' ±k_p') over patch (image) or valid (text) tokens",
-                "items": entries, "failed": failed}
-    write_json(out / "maps.json", document)
+        atlas = ctx.atlas
+        document = {"format": MAPS_FORMAT, "format_version": FORMAT_VERSION, **model_meta(ctx), "layer": layer,
+                    "head": head, "modes": [{"mode": m, "sigma": float(atlas.layers[layer].S[head, m]),
+                                             "cosine": float(atlas.cosines[layer, head, m])} for m in modes],
+                    "signs": signs,
+                    "score": "score± = max(0, max_p ±q_p)·max(0, max_p' ±k_p') over patch (image) or valid (text) "
+                             "tokens",
+                    "items": entries, "failed": failed}
+        folder.finish(document)
     return load_maps(out)
 
 
@@ -187,7 +191,7 @@ def load_maps(directory: str | os.PathLike) -> MapsResult:
         except Exception as error:  # noqa: BLE001 — missing or corrupt file
             raise QKDissectError(f"{path} is missing or corrupt ({type(error).__name__}); re-run `qkdissect maps`.") from None
         items.append(MapsItem(entry["kind"], entry["source"], directory / entry["folder"], entry, tensors))
-    meta = {k: v for k, v in document.items() if k not in ("items", "failed")}
+    meta = {k: v for k, v in document.items() if k not in ("items", "failed", "files")}
     return MapsResult(directory, meta, tuple(items), tuple(document.get("failed", [])))
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from qkdissect.errors import QKDissectError
-from qkdissect.files import atomic_write, write_json
+from qkdissect.files import atomic_write
 from qkdissect.progress import ProgressFn, report
 from qkdissect.projection import capture_attention_inputs, logit_variance_shares
 from qkdissect.views.context import (
@@ -80,49 +80,53 @@ def run_rank(ctx: ViewContext, out: str | os.PathLike, *, layers: Sequence[int],
         raise QKDissectError(f"--by must be 'share' or 'variance', got {by!r}.")
     for layer in layers:
         check_head(ctx.atlas, layer)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    failed: list[dict[str, str]] = []
-    key = "share" if by == "share" else "explained_variance"
-    items, all_rows = [], []
-    palette = ["#4363d8", "#f58231", "#3cb44b", "#911eb4", "#e6194b", "#42d4f4", "#f032e6", "#9a6324",
-               "#469990", "#808000", "#000075", "#a9a9a9"]
-    total = len(images) + len(texts)
-    for done, item in enumerate(iter_inputs(ctx, images, texts, failed), start=1):
-        if item is None:
+    from qkdissect.outputs import OutputFolder
+
+    with OutputFolder(out, RANK_FORMAT, "rank.json").claim(replace=True) as folder:
+        staging = folder.staging
+        failed: list[dict[str, str]] = []
+        key = "share" if by == "share" else "explained_variance"
+        items, all_rows = [], []
+        palette = ["#4363d8", "#f58231", "#3cb44b", "#911eb4", "#e6194b", "#42d4f4", "#f032e6", "#9a6324",
+                   "#469990", "#808000", "#000075", "#a9a9a9"]
+        total = len(images) + len(texts)
+        for done, item in enumerate(iter_inputs(ctx, images, texts, failed), start=1):
+            if item is None:
+                report(progress, "rank", done, total)
+                continue
+            batch, mask = forward_input(item)
+            if item.kind == "image" and patches_only:
+                rows_, cols_ = ctx.grid()
+                mask = torch.ones(1, ctx.n_prefix + rows_ * cols_, dtype=torch.bool)
+                mask[:, : ctx.n_prefix] = False
+            rows = sorted(rank_rows(ctx, batch, layers, mask)[0],
+                          key=lambda r: (-r[key], r["layer"], r["head"], r["mode"]))
+            for row in rows:
+                row["source"] = item.source
+            all_rows.extend(rows)
+            shown = rows[:top]
+            figure = f"{item.folder}.png"
+            plot_rank_bars([f"L{r['layer']} h{r['head']} m{r['mode']}  (σ={r['sigma']:.2g})" for r in shown],
+                           [r[key] if by == "share" else r["share"] for r in shown], staging / figure,
+                           title=f"{Path(item.source).name if item.kind == 'image' else item.source[:60]}: "
+                                 f"top {len(shown)} modes by {'share' if by == 'share' else 'explained variance'}",
+                           colours=[palette[r["head"] % len(palette)] for r in shown])
+            items.append({"kind": item.kind, "source": item.source, "figure": figure, "top": shown})
             report(progress, "rank", done, total)
-            continue
-        batch, mask = forward_input(item)
-        if item.kind == "image" and patches_only:
-            rows_, cols_ = ctx.grid()
-            mask = torch.ones(1, ctx.n_prefix + rows_ * cols_, dtype=torch.bool)
-            mask[:, : ctx.n_prefix] = False
-        rows = sorted(rank_rows(ctx, batch, layers, mask)[0], key=lambda r: (-r[key], r["layer"], r["head"], r["mode"]))
-        for row in rows:
-            row["source"] = item.source
-        all_rows.extend(rows)
-        shown = rows[:top]
-        figure = f"{item.folder}.png"
-        plot_rank_bars([f"L{r['layer']} h{r['head']} m{r['mode']}  (σ={r['sigma']:.2g})" for r in shown],
-                       [r[key] if by == "share" else r["share"] for r in shown], out / figure,
-                       title=f"{Path(item.source).name if item.kind == 'image' else item.source[:60]}: "
-                             f"top {len(shown)} modes by {'share' if by == 'share' else 'explained variance'}",
-                       colours=[palette[r["head"] % len(palette)] for r in shown])
-        items.append({"kind": item.kind, "source": item.source, "figure": figure, "top": shown})
-        report(progress, "rank", done, total)
 
-    def write_csv(path: Path) -> None:
-        with open(path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=RANK_COLUMNS)
-            writer.writeheader()
-            for row in all_rows:
-                writer.writerow({c: (f"{row[c]:.6g}" if isinstance(row[c], float) else row[c]) for c in RANK_COLUMNS})
+        def write_csv(path: Path) -> None:
+            with open(path, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=RANK_COLUMNS)
+                writer.writeheader()
+                for row in all_rows:
+                    writer.writerow({c: (f"{row[c]:.6g}" if isinstance(row[c], float) else row[c])
+                                     for c in RANK_COLUMNS})
 
-    atomic_write(out / "rank.csv", write_csv)
-    write_json(out / "rank.json", {"format": RANK_FORMAT, "format_version": FORMAT_VERSION, **model_meta(ctx),
-                                   "layers": list(layers), "by": by, "patches_only": patches_only,
-                                   "share": "⟨C̄_k, L̄⟩/⟨L̄, L̄⟩ of logits centred over keys (sums to 1 with the "
-                                            "key-bias share)", "items": items, "failed": failed})
+        atomic_write(staging / "rank.csv", write_csv)
+        folder.finish({"format": RANK_FORMAT, "format_version": FORMAT_VERSION, **model_meta(ctx),
+                       "layers": list(layers), "by": by, "patches_only": patches_only,
+                       "share": "⟨C̄_k, L̄⟩/⟨L̄, L̄⟩ of logits centred over keys (sums to 1 with the key-bias share)",
+                       "items": items, "failed": failed})
     return load_rank(out)
 
 
@@ -135,6 +139,6 @@ def load_rank(directory: str | os.PathLike) -> RankResult:
         for row in csv.DictReader(handle):
             rows.append({k: (row[k] if k == "source" else int(row[k]) if k in ("layer", "head", "mode")
                              else float(row[k])) for k in RANK_COLUMNS})
-    meta = {k: v for k, v in document.items() if k not in ("items", "failed")}
+    meta = {k: v for k, v in document.items() if k not in ("items", "failed", "files")}
     return RankResult(directory, meta, tuple(document["items"]), tuple(rows), tuple(document.get("failed", [])))
 

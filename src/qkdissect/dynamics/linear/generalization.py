@@ -1,11 +1,11 @@
-"""Generalisation dynamics of a deep linear student learning a noisy low-rank teacher (spec §2).
+"""Generalisation dynamics of a deep linear student learning a noisy low-rank teacher.
 
 Setting (Lampinen & Ganguli 2019). The student sees Σ̂ = W̄ + Z (``N_o × N_i``, Z i.i.d. with
-variance 1/N_i, A = N_o/N_i <= 1; see :mod:`qkdissect.dynamics.rmt`) and is trained by full-batch
+variance 1/N_i, A = N_o/N_i <= 1; see :mod:`qkdissect.dynamics.linear.rmt`) and is trained by full-batch
 gradient descent on ½‖Σ̂ − W‖²_F from small initial weights. From decoupled init (aligned to the
 SVD of Σ̂, product strength a₀ on every empirical mode) each empirical mode β, true or noise, is
 learned with Saxe timing in its own singular value ŝ_β:
-W(t) = Σ_β a(ŝ_β, t) û_β v̂_βᵀ with a(s, t) from :func:`qkdissect.dynamics.theory.mode_strength`.
+W(t) = Σ_β a(ŝ_β, t) û_β v̂_βᵀ with a(s, t) from :func:`qkdissect.dynamics.linear.theory.mode_strength`.
 
 Error definitions (our choice; also written into every results.json):
 
@@ -38,13 +38,15 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from scipy import optimize
 
-from qkdissect.dynamics import _checks, rmt
-from qkdissect.dynamics.simulate import INIT_KINDS, Progress, gradient_descent, init_weights
-from qkdissect.dynamics.tasks import make_generator, make_noisy_teacher
-from qkdissect.dynamics.theory import _mode_strength_function, time_to_fraction
+from qkdissect.dynamics import checks
+from qkdissect.dynamics.curves import curve_minimum
+from qkdissect.dynamics.linear import rmt
+from qkdissect.dynamics.linear.simulate import INIT_KINDS, gradient_descent, init_weights
+from qkdissect.dynamics.linear.tasks import make_generator, make_noisy_teacher
+from qkdissect.dynamics.linear.theory import mode_strength_function, time_to_fraction
 from qkdissect.errors import QKDissectError
+from qkdissect.progress import ProgressFn, report
 
 __all__ = [
     "ERROR_DEFINITIONS",
@@ -55,7 +57,6 @@ __all__ = [
     "shrinkage_estimate",
     "ShrinkageComparison",
     "shrinkage_sweep",
-    "curve_minimum",
 ]
 
 ERROR_DEFINITIONS = {
@@ -113,12 +114,12 @@ def _theory_errors(
     sb = s_bar[det]
     sh = np.atleast_1d(rmt.spike_singular_value(sb, a_ratio)) if sb.size else sb
     ov = np.atleast_1d(rmt.spike_overlap(sb, a_ratio)) if sb.size else sb
-    sig, w = rmt._mp_nodes(a_ratio, n_nodes)
+    sig, w = rmt.marchenko_pastur_nodes(a_ratio, n_nodes)
     n_bulk = n_out - int(det.sum())
     norm = float(np.sum(s_bar**2))
     lost = float(np.sum(s_bar[~det] ** 2))
     all_s = np.concatenate([sh, sig])
-    strength = _mode_strength_function(all_s, np.full(all_s.shape, a0), depth, tau, t_end)
+    strength = mode_strength_function(all_s, np.full(all_s.shape, a0), depth, tau, t_end)
 
     def f(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         a = strength(t)
@@ -153,22 +154,22 @@ def generalization_theory(
         lr: learning rate (τ = 1/lr).
         n_nodes: quadrature nodes for the Marchenko–Pastur integrals.
     """
-    s_bar = _checks.strengths(strengths)
-    n_in = _checks.count(n_in, "n_in")
-    n_out = _checks.count(n_out, "n_out")
-    a_ratio = _checks.aspect_ratio(n_out / n_in)
+    s_bar = checks.strengths(strengths)
+    n_in = checks.count(n_in, "n_in")
+    n_out = checks.count(n_out, "n_out")
+    a_ratio = checks.aspect_ratio(n_out / n_in)
     if s_bar.size > n_out:
         raise QKDissectError(f"strengths: at most N_o = {n_out} teacher modes, got {s_bar.size}.")
-    a0 = _checks.positive(a0, "a0")
-    depth = _checks.depth(depth)
-    tau = 1.0 / _checks.positive(lr, "lr")
+    a0 = checks.positive(a0, "a0")
+    depth = checks.depth(depth)
+    tau = 1.0 / checks.positive(lr, "lr")
     edge = 1.0 + np.sqrt(a_ratio)
     if a0 >= edge / 2:
         raise QKDissectError(f"a0: expected a small initial strength (<< {edge:.3g}), got {a0!r}.")
     if times is None:
         t_edge = float(time_to_fraction([edge], a0, 0.5, depth=depth, tau=tau)[0])
         times = np.linspace(0.0, 2.0 * t_edge, 400)
-    t = _checks.times(times)
+    t = checks.times(times)
     f = _theory_errors(s_bar, a_ratio, n_out, a0, depth, tau, n_nodes, float(t.max()))
     train, test = f(t)
     t_opt, e_opt = curve_minimum(t, test, refine=lambda x: float(f(np.array([x]))[1][0]))
@@ -195,33 +196,6 @@ def generalization_theory(
         depth=depth,
         tau=tau,
     )
-
-
-def curve_minimum(
-    times: np.ndarray, values: np.ndarray, refine: Callable[[float], float] | None = None
-) -> tuple[float, float]:
-    """Location and value of the minimum of a sampled curve.
-
-    With ``refine`` (the continuous function), Brent's method on the bracket around the grid
-    minimum; otherwise a parabola through the grid minimum and its two neighbours.
-    """
-    i = int(np.nanargmin(values))
-    lo, hi = max(i - 1, 0), min(i + 1, len(times) - 1)
-    if refine is not None and lo < i < hi:
-        res = optimize.minimize_scalar(
-            refine, bounds=(float(times[lo]), float(times[hi])), method="bounded",
-            options={"xatol": 1e-6 * max(1.0, float(times[hi]))},
-        )
-        return float(res.x), float(res.fun)
-    if lo < i < hi:
-        x = times[lo : hi + 1].astype(np.float64)
-        y = values[lo : hi + 1].astype(np.float64)
-        denom = (y[0] - 2 * y[1] + y[2])
-        if denom > 0:
-            h = x[1] - x[0]
-            shift = 0.5 * h * (y[0] - y[2]) / denom
-            return float(x[1] + shift), float(y[1] - 0.25 * (y[0] - y[2]) * shift / h)
-    return float(times[i]), float(values[i])
 
 
 def shrinkage_estimate(sigma_hat: torch.Tensor, aspect_ratio: float | None = None) -> torch.Tensor:
@@ -294,22 +268,22 @@ def simulate_generalization(
     hidden: int | None = None,
     seed: int = 0,
     record_every: int = 1,
-    progress: Progress | None = None,
+    progress: ProgressFn | None = None,
 ) -> GeneralizationSimulation:
     """Simulate ``n_seeds`` teacher/noise draws and train one student on each (batched).
 
     ``init='decoupled'`` aligns the student to the SVD of its Σ̂ with product strength a₀ on all
     N_o empirical modes (the theory's assumption); ``init='random'`` uses small random weights
-    (see :func:`qkdissect.dynamics.simulate.init_weights`). ``n_steps`` defaults to the end of the
+    (see :func:`qkdissect.dynamics.linear.simulate.init_weights`). ``n_steps`` defaults to the end of the
     default theory time window. Hidden width defaults to N_o.
     """
-    s_bar = _checks.strengths(strengths)
-    n_in = _checks.count(n_in, "n_in")
-    n_out = _checks.count(n_out, "n_out")
-    a_ratio = _checks.aspect_ratio(n_out / n_in)
-    depth = _checks.depth(depth)
-    a0 = _checks.positive(a0, "a0")
-    lr = _checks.positive(lr, "lr")
+    s_bar = checks.strengths(strengths)
+    n_in = checks.count(n_in, "n_in")
+    n_out = checks.count(n_out, "n_out")
+    a_ratio = checks.aspect_ratio(n_out / n_in)
+    depth = checks.depth(depth)
+    a0 = checks.positive(a0, "a0")
+    lr = checks.positive(lr, "lr")
     if init not in ("decoupled", "random"):
         raise QKDissectError(
             f"init: the generalisation theory assumes small initial weights; expected 'decoupled' or "
@@ -318,7 +292,7 @@ def simulate_generalization(
     if n_steps is None:
         edge = 1.0 + np.sqrt(a_ratio)
         n_steps = int(np.ceil(2.0 * time_to_fraction([edge], a0, 0.5, depth=depth, tau=1 / lr)[0]))
-    h = n_out if hidden is None else _checks.count(hidden, "hidden")
+    h = n_out if hidden is None else checks.count(hidden, "hidden")
     g = make_generator(seed)
     task = make_noisy_teacher(n_in, n_out, s_bar, n_seeds=n_seeds, seed=g)
     w_bar = task.teacher.matrix
@@ -400,7 +374,7 @@ def shrinkage_sweep(
     lr: float = 1e-2,
     depth: int = 2,
     seed: int = 0,
-    progress: Callable[[int, int], None] | None = None,
+    progress: ProgressFn | None = None,
 ) -> ShrinkageComparison:
     """Compare the shrinkage estimator with early-stopped gradient descent over several settings."""
     rows = [(int(ni), int(no), tuple(float(x) for x in np.atleast_1d(s))) for ni, no, s in settings]
@@ -415,6 +389,5 @@ def shrinkage_sweep(
             sim.test_error_opt,
             np.mean(sim.shrinkage_test_error <= sim.test_error_at_t_opt),
         ]
-        if progress is not None:
-            progress(i + 1, len(rows))
+        report(progress, "shrinkage sweep", i + 1, len(rows))
     return ShrinkageComparison(tuple(rows), *out)

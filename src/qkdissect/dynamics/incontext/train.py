@@ -1,4 +1,4 @@
-"""Training, probing and dissecting the in-context regression transformer (spec §4).
+"""Training, probing and dissecting the in-context regression transformer.
 
 * :func:`train_icl` — Adam (or SGD) on batches of tasks from a training pool; every batch holds,
   per task, N context samples and N + 1 fresh queries that see k = 0 … N of them (one forward
@@ -6,7 +6,7 @@
   (state dicts, safetensors) are written during training; a callback sees the model at each.
 * :func:`probe_icl` — in-context mode recovery: after k context samples, queries ±c·e_i read
   out Ŵ_k[:, i] = (f(+c e_i) − f(−c e_i)) / (2c) (queries never alter the context, see the
-  mask in :mod:`~qkdissect.dynamics.icl_model`), m_α(k) = u_αᵀ Ŵ_k v_α / s_α, plus the R² of
+  mask in :mod:`~qkdissect.dynamics.incontext.model`), m_α(k) = u_αᵀ Ŵ_k v_α / s_α, plus the R² of
   f(x) ≈ f(0) + Ŵ_k x on random queries.
 * :func:`weight_spectra` — outer-loop trajectories with qkdissect's :func:`factored_svd`: per
   checkpoint, layer and head the singular values of M = W_Qᵀ W_K, of its x–x block
@@ -28,13 +28,20 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from qkdissect.factored import factored_svd
-from qkdissect.dynamics import _checks
-from qkdissect.dynamics.icl_model import ICLBatch, ICLTransformer, icl_batch
-from qkdissect.dynamics.incontext import mode_recovery, sample_episode, task_subset
-from qkdissect.dynamics.tasks import LinearTask, Seed, make_generator
+from qkdissect.dynamics import checks
+from qkdissect.dynamics.incontext.model import ICLBatch, ICLTransformer, icl_batch
+from qkdissect.dynamics.incontext.setting import (
+    linear_readout,
+    mode_recovery,
+    probe_queries,
+    sample_episode,
+    task_subset,
+)
+from qkdissect.dynamics.linear.tasks import LinearTask, Seed, make_generator
 from qkdissect.errors import QKDissectError
+from qkdissect.factored import factored_svd
 from qkdissect.metrics import gaussian_null, mode_cosines, weighted_cosine
+from qkdissect.progress import ProgressFn, throttled
 
 __all__ = [
     "training_batch",
@@ -46,9 +53,6 @@ __all__ = [
     "weight_spectra",
     "cosine_statistics",
 ]
-
-Progress = Callable[[int, int], None]
-
 
 def training_batch(
     tasks: LinearTask, context: int, *, noise: float = 0.0, generator: torch.Generator
@@ -107,15 +111,16 @@ def train_icl(
     checkpoint_dir: str | Path | None = None,
     on_checkpoint: Callable[[int, ICLTransformer], None] | None = None,
     seed: Seed = 0,
-    progress: Progress | None = None,
+    progress: ProgressFn | None = None,
+    stage: str = "training",
 ) -> ICLTrainLog:
     """Train ``model`` in place (module docstring); constant learning rate (the outer-loop dynamics
     are the object of study, so no schedule shapes them)."""
     from safetensors.torch import save_file
 
-    n_steps = _checks.count(n_steps, "steps")
-    batch = _checks.count(batch, "batch")
-    lr = _checks.positive(lr, "lr")
+    n_steps = checks.count(n_steps, "steps")
+    batch = checks.count(batch, "batch")
+    lr = checks.positive(lr, "lr")
     if optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     elif optimizer == "sgd":
@@ -132,7 +137,7 @@ def train_icl(
         folder.mkdir(parents=True, exist_ok=True)
     steps, tr, te, te_k, c_steps, c_files = [], [], [], [], [], []
     recent: list[float] = []
-    tick = max(1, n_steps // 200)
+    tick = throttled(progress, stage, n_steps, updates=200)
     start = time.perf_counter()
     for step in range(n_steps + 1):
         if step in ckpt_steps:
@@ -162,8 +167,7 @@ def train_icl(
         loss.backward()
         opt.step()
         recent.append(float(loss.detach()))
-        if progress is not None and ((step + 1) % tick == 0 or step + 1 == n_steps):
-            progress(step + 1, n_steps)
+        tick(step + 1)
     model.eval()
     return ICLTrainLog(
         steps=np.asarray(steps), train_loss=np.asarray(tr), test_loss=np.asarray(te),
@@ -208,30 +212,24 @@ def probe_icl(
             f"tasks have N_x={tasks.n_in}, N_y={tasks.n_out} but the transformer reads N_x={model.n_x}, "
             f"N_y={model.n_y}."
         )
-    c = _checks.positive(probe_scale, "probe_scale")
-    ks = list(range(model.context + 1)) if ks is None else [_checks.count(k, "k", minimum=0) for k in ks]
+    c = checks.positive(probe_scale, "probe_scale")
+    ks = list(range(model.context + 1)) if ks is None else [checks.count(k, "k", minimum=0) for k in ks]
     n = max(ks + [1])
     g = make_generator(seed)
     x, y = sample_episode(tasks, n, noise=noise, generator=g)
     b, n_x = tasks.n_tasks, tasks.n_in
     dtype = next(model.parameters()).dtype
     x, y = x.to(dtype), y.to(dtype)
-    eye = torch.eye(n_x, dtype=dtype) * c
-    basis = torch.cat([eye, -eye, torch.zeros(1, n_x, dtype=dtype)])
     W_list, r2 = [], []
     model.eval()
     with torch.no_grad():
         for k in ks:
             rand_q = torch.randn(b, n_random, n_x, generator=g, dtype=torch.float64).to(dtype)
-            q = torch.cat([basis.expand(b, -1, -1), rand_q], dim=1)
+            q = probe_queries(rand_q, c)
             batch = icl_batch(x[:, :n], y[:, :n], q, [k] * q.shape[1])
-            f = model.predict(batch).double()  # (B, Q, N_y)
-            w = ((f[:, :n_x] - f[:, n_x : 2 * n_x]) / (2 * c)).transpose(-1, -2)
-            pred = f[:, 2 * n_x, None] + rand_q.double() @ w.transpose(-1, -2)
-            fr = f[:, 2 * n_x + 1 :]
-            ss_tot = float(((fr - fr.mean(1, keepdim=True)) ** 2).sum())
-            r2.append(1 - float(((fr - pred) ** 2).sum()) / ss_tot if ss_tot > 0 else float("nan"))
+            w, fit = linear_readout(model.predict(batch), rand_q, c)  # (B, N_y, N_x), ()
             W_list.append(w)
+            r2.append(float(fit))
     W = torch.stack(W_list)
     return ICLProbe(ks=np.asarray(ks), W_hat=W.numpy(), recovery=mode_recovery(tasks, W).numpy(),
                     linearity_r2=np.asarray(r2), probe_scale=c)

@@ -1,4 +1,4 @@
-"""Transfer between two tasks that share input features (spec §2, Lampinen & Ganguli 2019 §5).
+"""Transfer between two tasks that share input features (Lampinen & Ganguli 2019).
 
 Setting. A source teacher W̄_S = s̄_S ū_S v̄_Sᵀ (N_oS × N_i) and a target teacher
 W̄_T = s̄_T ū_T v̄_Tᵀ (N_oT × N_i), input alignment q = v̄_S·v̄_T, each seen through its own noise
@@ -6,14 +6,14 @@ W̄_T = s̄_T ū_T v̄_Tᵀ (N_oT × N_i), input alignment q = v̄_S·v̄_T, eac
 and one head per task, trained jointly by gradient descent on ½‖Σ̂_S − W_S‖² + ½‖Σ̂_T − W_T‖², is a
 two-layer network trained on the stacked matrix Σ̂ = [Σ̂_S; Σ̂_T] (aspect ratio
 A' = (N_oS + N_oT)/N_i <= 1). We compare the target's test error (normalised by s̄_T², see
-:mod:`qkdissect.dynamics.generalization`) at its optimal stopping time when trained jointly vs
+:mod:`qkdissect.dynamics.linear.generalization`) at its optimal stopping time when trained jointly vs
 alone on Σ̂_T. ``transfer benefit = E_T,alone(t*) − E_T,joint(t*)``: positive = positive transfer.
 
 Theory (our derivation, large-N limit). The stacked teacher has singular values σ_k² = the
 eigenvalues of [[s̄_S², s̄_S s̄_T q], [s̄_S s̄_T q, s̄_T²]], right vectors x_k in span(v̄_S, v̄_T) and
 left vectors y_k whose target block has squared norm π_k = s̄_T²(v̄_T·x_k)²/σ_k². Each detected
 stacked mode (σ_k > A'^{1/4}) yields an outlier ŝ_k with overlaps (O_u,k, O_v,k) from
-:mod:`qkdissect.dynamics.rmt`; the delocalised rest of an empirical output vector, and every
+:mod:`qkdissect.dynamics.linear.rmt`; the delocalised rest of an empirical output vector, and every
 bulk vector, puts a fraction f_T = N_oT/(N_oS + N_oT) of its norm in the target block. With
 a_k(t) the Saxe curve of mode k::
 
@@ -27,17 +27,20 @@ and E_T,alone(t) is the rank-1 formula of the generalisation theory with A_T = N
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from qkdissect.dynamics import _checks, rmt
-from qkdissect.dynamics.generalization import curve_minimum, generalization_theory
-from qkdissect.dynamics.simulate import gradient_descent, init_weights
-from qkdissect.dynamics.tasks import make_generator, make_transfer_pair
-from qkdissect.dynamics.theory import _mode_strength_function, time_to_fraction
+from qkdissect.dynamics import checks
+from qkdissect.dynamics.curves import curve_minimum
+from qkdissect.dynamics.linear import rmt
+from qkdissect.dynamics.linear.generalization import generalization_theory
+from qkdissect.dynamics.linear.simulate import gradient_descent, init_weights
+from qkdissect.dynamics.linear.tasks import make_generator, make_transfer_pair
+from qkdissect.dynamics.linear.theory import mode_strength_function, time_to_fraction
 from qkdissect.errors import QKDissectError
+from qkdissect.progress import ProgressFn
 
 __all__ = ["TransferTheory", "transfer_theory", "TransferSimulation", "simulate_transfer"]
 
@@ -97,12 +100,12 @@ def transfer_theory(
     Two-layer networks (depth 2) from decoupled small init (a₀ per empirical mode). Formulas in the
     module docstring. ``times`` defaults to twice the half-time of a mode at the joint bulk edge.
     """
-    q = _checks.unit_interval(alignment, "alignment")
-    s_s = _checks.positive(snr_source, "snr_source")
-    s_t = _checks.positive(snr_target, "snr_target")
-    n_in = _checks.count(n_in, "n_in")
-    n_os = _checks.count(n_out_source, "n_out_source")
-    n_ot = _checks.count(n_out_target, "n_out_target")
+    q = checks.unit_interval(alignment, "alignment")
+    s_s = checks.positive(snr_source, "snr_source")
+    s_t = checks.positive(snr_target, "snr_target")
+    n_in = checks.count(n_in, "n_in")
+    n_os = checks.count(n_out_source, "n_out_source")
+    n_ot = checks.count(n_out_target, "n_out_target")
     n_tot = n_os + n_ot
     if n_tot > n_in:
         raise QKDissectError(
@@ -110,23 +113,23 @@ def transfer_theory(
             f"({n_os} + {n_ot})/{n_in}. Use more inputs or fewer outputs."
         )
     a_joint = n_tot / n_in
-    a0 = _checks.positive(a0, "a0")
-    tau = 1.0 / _checks.positive(lr, "lr")
+    a0 = checks.positive(a0, "a0")
+    tau = 1.0 / checks.positive(lr, "lr")
     if times is None:
         edge = 1.0 + np.sqrt(a_joint)
         times = np.linspace(0.0, 2.0 * time_to_fraction([edge], a0, 0.5, tau=tau)[0], 400)
-    t = _checks.times(times)
+    t = checks.times(times)
 
     sig, share = _stacked_modes(s_s, s_t, q)
     det = sig > a_joint**0.25
     sk, pk = sig[det], share[det]
     sh = np.atleast_1d(rmt.spike_singular_value(sk, a_joint)) if sk.size else sk
     ou, ov = (np.atleast_1d(x) for x in rmt.spike_overlaps(sk, a_joint)) if sk.size else (sk, sk)
-    nodes, w = rmt._mp_nodes(a_joint, n_nodes)
+    nodes, w = rmt.marchenko_pastur_nodes(a_joint, n_nodes)
     f_t = n_ot / n_tot
     n_bulk = n_tot - int(det.sum())
     all_s = np.concatenate([sh, nodes])
-    strength = _mode_strength_function(all_s, np.full(all_s.shape, a0), 2, tau, float(t.max()))
+    strength = mode_strength_function(all_s, np.full(all_s.shape, a0), 2, tau, float(t.max()))
 
     def joint(tt: np.ndarray) -> np.ndarray:
         a = strength(tt)
@@ -194,7 +197,7 @@ def simulate_transfer(
     n_steps: int | None = None,
     init: str = "decoupled",
     seed: int = 0,
-    progress: Callable[[int, int], None] | None = None,
+    progress: ProgressFn | None = None,
 ) -> TransferSimulation:
     """Train two-layer students jointly (stacked outputs, shared first layer) and on the target alone.
 
@@ -219,7 +222,7 @@ def simulate_transfer(
     w_t = pair.target.teacher.matrix
     norm = float(snr_target) ** 2
 
-    def run(sig: torch.Tensor, rows: slice, progress_offset: int) -> tuple[np.ndarray, np.ndarray]:
+    def run(sig: torch.Tensor, rows: slice, stage: str) -> tuple[np.ndarray, np.ndarray]:
         u, _, vh = torch.linalg.svd(sig, full_matrices=False)
         n_o = sig.shape[-2]
         ws = init_weights(
@@ -229,14 +232,11 @@ def simulate_transfer(
         def observe(w: torch.Tensor) -> torch.Tensor:
             return ((w[..., rows, :] - w_t) ** 2).sum((-1, -2)) / norm
 
-        prog = None
-        if progress is not None:
-            prog = lambda k, n: progress(progress_offset + k, 2 * n)  # noqa: E731
-        tr = gradient_descent(ws, sig, lr, n_steps, observe=observe, progress=prog)
+        tr = gradient_descent(ws, sig, lr, n_steps, observe=observe, progress=progress, stage=stage)
         return tr.steps, tr.observations.numpy()
 
-    steps, e_joint = run(pair.stacked_sigma_hat, slice(n_out_source, n_tot), 0)
-    _, e_alone = run(pair.target.sigma_hat, slice(0, n_out_target), n_steps)
+    steps, e_joint = run(pair.stacked_sigma_hat, slice(n_out_source, n_tot), "joint training")
+    _, e_alone = run(pair.target.sigma_hat, slice(0, n_out_target), "target alone")
     st = steps.astype(np.float64)
     t_j, m_j = curve_minimum(st, e_joint.mean(1))
     t_a, m_a = curve_minimum(st, e_alone.mean(1))

@@ -1,6 +1,6 @@
 """The in-context regression setting shared by learners, meta-learners and in-context transformers.
 
-Task family (spec §3): y = W x (+ ε), W = U diag(s) Vᵀ with a fixed spectrum s (r = len(s)
+Task family: y = W x (+ ε), W = U diag(s) Vᵀ with a fixed spectrum s (r = len(s)
 modes), x ~ N(0, I_{N_x}), ε ~ N(0, σ² I_{N_y}). Two priors over (U, V):
 
 * ``rotation`` — U (N_y × r) and V (N_x × r) Haar-random per task (:func:`make_linear_task`);
@@ -9,7 +9,7 @@ modes), x ~ N(0, I_{N_x}), ε ~ N(0, σ² I_{N_y}). Two priors over (U, V):
 * ``aligned`` — V = the first r coordinate axes of the input space (the same for every task),
   U Haar-random per task: mode α always reads input coordinate α with strength s_α, but what it
   writes is unknown until seen in context. Here a model's *weights* can tie the prior's strengths
-  to fixed directions (the question of §4: are such directions learned one by one?).
+  to fixed directions (are such directions learned one by one by a transformer's weights?).
 
 Mode recovery of an estimate Ŵ (after k samples, or after t learning steps) of a task:
 
@@ -20,6 +20,14 @@ interpolation between records). Concurrency index of a system: the coefficient o
 the modes' half-recovery points, std_α(k½_α) / mean_α(k½_α) — 0 when every mode is recovered at
 the same moment, larger the more staggered; it does not depend on the unit of k or t, so a
 learner (SGD steps) and an in-context estimator (samples) can be compared by it.
+
+Probing a black-box in-context learner f (a meta-learner, a transformer) after k samples: queries
+±c·e_i read out its linear map and random queries x ~ N(0, I) test how linear it is,
+
+    Ŵ_k[:, i] = (f(+c e_i) − f(−c e_i)) / (2c),     R² of f(x) ≈ f(0) + Ŵ_k x
+
+(:func:`probe_queries`, :func:`linear_readout`); the difference removes the part of f that is even
+in the query, such as its value at 0.
 """
 
 from __future__ import annotations
@@ -30,9 +38,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from qkdissect.dynamics import _checks
-from qkdissect.dynamics.simulate import first_crossing
-from qkdissect.dynamics.tasks import LinearTask, Seed, make_generator, make_linear_task, random_orthogonal
+from qkdissect.dynamics import checks
+from qkdissect.dynamics.curves import coefficient_of_variation, first_crossing
+from qkdissect.dynamics.linear.tasks import LinearTask, Seed, make_linear_task
 from qkdissect.errors import QKDissectError
 
 __all__ = [
@@ -44,6 +52,8 @@ __all__ = [
     "half_recovery_points",
     "concurrency",
     "task_subset",
+    "probe_queries",
+    "linear_readout",
 ]
 
 PRIORS = ("rotation", "aligned")
@@ -63,23 +73,16 @@ def make_prior_tasks(
 
     Returns a :class:`LinearTask` with U ``(B, n_y, r)``, strengths ``(B, r)``, V ``(B, n_x, r)``.
     """
-    if prior == "rotation":
-        return make_linear_task(strengths, n_x, n_y, n_tasks=n_tasks, seed=seed, dtype=dtype)
-    if prior != "aligned":
+    if prior not in PRIORS:
         raise QKDissectError(f"prior: expected one of {', '.join(PRIORS)}, got {prior!r}.")
-    s = _checks.strengths(strengths)
-    n_x, n_y = _checks.count(n_x, "n_x"), _checks.count(n_y, "n_y")
-    r = s.size
-    if r > min(n_x, n_y):
-        raise QKDissectError(
-            f"{r} modes need n_x and n_y >= {r}, got n_x={n_x}, n_y={n_y}. Give fewer strengths or larger "
-            "dimensions."
-        )
-    b = _checks.count(n_tasks, "n_tasks")
-    g = make_generator(seed)
-    u = random_orthogonal(n_y, r, batch=b, seed=g, dtype=dtype)
-    v = torch.eye(n_x, r, dtype=dtype).expand(b, n_x, r).clone()
-    return LinearTask(U=u, strengths=torch.as_tensor(s, dtype=dtype).expand(b, r).clone(), V=v)
+    if prior == "aligned":
+        checks.strengths(strengths)  # positive: m_α divides by s_α
+    task = make_linear_task(strengths, n_x, n_y, n_tasks=n_tasks, seed=seed, dtype=dtype)
+    if prior == "rotation":
+        return task
+    # aligned: keep the Haar U (drawn first, so the same as a U-only draw), V = the first r input axes
+    v = torch.eye(task.n_in, task.rank, dtype=dtype).expand(task.n_tasks, -1, -1).clone()
+    return LinearTask(U=task.U, strengths=task.strengths, V=v)
 
 
 def task_subset(task: LinearTask, index: torch.Tensor | slice) -> LinearTask:
@@ -102,6 +105,43 @@ def sample_episode(
 def mode_recovery(task: LinearTask, W_hat: torch.Tensor) -> torch.Tensor:
     """m_α = u_αᵀ Ŵ v_α / s_α for estimates ``W_hat`` ``(..., B, n_y, n_x)`` of the tasks -> ``(..., B, r)``."""
     return task.mode_strengths(W_hat.to(task.U.dtype)) / task.strengths
+
+
+def probe_queries(random_queries: torch.Tensor, scale: float) -> torch.Tensor:
+    """Queries ``[+c e_1 … +c e_{N_x}, −c e_1 … −c e_{N_x}, 0, random…]``: ``(..., 2 N_x + 1 + R, N_x)``.
+
+    Args:
+        random_queries: ``(..., R, N_x)`` (their dtype is the result's).
+        scale: c > 0.
+    """
+    n_x = random_queries.shape[-1]
+    eye = torch.eye(n_x, dtype=random_queries.dtype) * scale
+    basis = torch.cat([eye, -eye, torch.zeros(1, n_x, dtype=random_queries.dtype)])
+    return torch.cat([basis.expand(*random_queries.shape[:-2], -1, -1), random_queries], dim=-2)
+
+
+def linear_readout(
+    outputs: torch.Tensor, random_queries: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ŵ and R² from a learner's outputs on :func:`probe_queries` (module docstring); float64.
+
+    Args:
+        outputs: ``(..., B, 2 N_x + 1 + R, N_y)`` f at the probe queries of B tasks.
+        random_queries: ``(..., B, R, N_x)`` the random queries among them.
+        scale: c.
+    Returns:
+        Ŵ ``(..., B, N_y, N_x)`` and R² ``(...)`` over the B tasks' random queries (NaN if they
+        all give the same output).
+    """
+    n_x = random_queries.shape[-1]
+    f = outputs.double()
+    w = ((f[..., :n_x, :] - f[..., n_x : 2 * n_x, :]) / (2 * scale)).transpose(-1, -2)
+    pred = f[..., 2 * n_x, None, :] + random_queries.double() @ w.transpose(-1, -2)
+    fr = f[..., 2 * n_x + 1 :, :]
+    ss_res = ((fr - pred) ** 2).sum((-3, -2, -1))
+    ss_tot = ((fr - fr.mean(-2, keepdim=True)) ** 2).sum((-3, -2, -1))
+    r2 = torch.where(ss_tot > 0, 1 - ss_res / ss_tot.clamp_min(1e-300), torch.nan)
+    return w, r2
 
 
 @dataclass(frozen=True)
@@ -159,11 +199,6 @@ def half_recovery_points(steps: Any, recovery: Any, level: Any = 0.5) -> np.ndar
     return first_crossing(m, np.asarray(level, dtype=np.float64), st)
 
 
-def _cv(points: np.ndarray) -> float:
-    mean = float(np.mean(points))
-    return float(np.std(points) / mean) if mean > 0 else float("nan")
-
-
 def concurrency(
     steps: Any, recovery: Any, strengths: Sequence[float], *, level: float = 0.5
 ) -> Concurrency:
@@ -177,14 +212,15 @@ def concurrency(
     final = m[-1]
     if np.all(final > 0):
         rel_pts = half_recovery_points(st, m, 0.5 * final)
-        rel = _cv(rel_pts)
+        rel = coefficient_of_variation(rel_pts)
     else:
         rel_pts, rel = np.full(s.size, np.nan), float("nan")
     order = None
     if not censored:
         by_strength = pts[np.argsort(-s, kind="stable")]
         order = bool(np.all(np.diff(by_strength) >= 0))
+    index = coefficient_of_variation(filled) if not np.isnan(pts).all() else float("nan")
     return Concurrency(
-        index=_cv(filled) if not np.isnan(pts).all() else float("nan"), half_points=pts, censored=censored, level=float(level),
+        index=index, half_points=pts, censored=censored, level=float(level),
         relative_index=rel, relative_half_points=rel_pts, order_matches_strengths=order,
     )

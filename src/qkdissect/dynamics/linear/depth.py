@@ -1,4 +1,4 @@
-"""Depth sweep: how learning time depends on depth and initialisation (spec §1, Saxe et al. §4–5).
+"""Depth sweep: how learning time depends on depth and initialisation (Saxe et al. 2014).
 
 For each depth N and initialisation, ``n_seeds`` networks (one Haar-random task each, spectrum
 ``strengths``, all layers of width n = len(strengths) unless ``width`` is given) are trained by
@@ -15,17 +15,19 @@ For ``decoupled`` init the time is also predicted from the mode ODE (``theory_ti
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from scipy import optimize
 
-from qkdissect.dynamics import _checks
-from qkdissect.dynamics.simulate import INIT_KINDS, first_crossing, gradient_descent, init_weights
-from qkdissect.dynamics.tasks import make_generator, make_linear_task
-from qkdissect.dynamics.theory import _mode_strength_function
+from qkdissect.dynamics import checks
+from qkdissect.dynamics.curves import first_crossing
+from qkdissect.dynamics.linear.simulate import INIT_KINDS, gradient_descent, init_weights
+from qkdissect.dynamics.linear.tasks import make_generator, make_linear_task
+from qkdissect.dynamics.linear.theory import mode_strength_function
 from qkdissect.errors import QKDissectError
+from qkdissect.progress import ProgressFn
 
 __all__ = ["DepthSweep", "depth_sweep", "depth_learning_rate"]
 
@@ -72,7 +74,7 @@ class DepthSweep:
 
 def _theory_time(s: np.ndarray, a0: float, depth: int, tau: float, crit: float, t_max: float) -> float:
     """Epochs until Σ(s − a)²/Σs² < crit for decoupled init (NaN if beyond t_max)."""
-    strength = _mode_strength_function(s, np.full(s.shape, a0), depth, tau, t_max)
+    strength = mode_strength_function(s, np.full(s.shape, a0), depth, tau, t_max)
 
     def loss(t: np.ndarray) -> np.ndarray:
         return ((s - strength(t)) ** 2).sum(1) / (s**2).sum()
@@ -102,29 +104,29 @@ def depth_sweep(
     a0: float = 1e-3,
     seed: int = 0,
     n_stored: int = 400,
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: ProgressFn | None = None,
 ) -> DepthSweep:
     """Epochs to reach a relative training loss ``criterion`` for each (init, depth).
 
     ``gain`` scales ``orthogonal``/``gaussian`` layers; ``a0`` is the product strength for
-    ``decoupled`` and the scale of ``random``. ``progress(label, done, total)`` reports steps.
+    ``decoupled`` and the scale of ``random``. ``progress(f"{init} N={depth}", done, total)`` reports steps.
     """
-    s = _checks.strengths(strengths)
-    ds = tuple(_checks.depth(d) for d in depths)
+    s = checks.strengths(strengths)
+    ds = tuple(checks.depth(d) for d in depths)
     ins = tuple(inits)
     for k in ins:
         if k not in INIT_KINDS:
             raise QKDissectError(f"init: expected any of {', '.join(INIT_KINDS)}, got {k!r}.")
     if not ds or not ins:
         raise QKDissectError("depth_sweep: give at least one depth and one init.")
-    crit = _checks.fraction(criterion, "criterion")
-    max_steps = _checks.count(max_steps, "max_steps")
-    n_seeds = _checks.count(n_seeds, "n_seeds")
-    lr = _checks.positive(lr, "lr")
+    crit = checks.fraction(criterion, "criterion")
+    max_steps = checks.count(max_steps, "max_steps")
+    n_seeds = checks.count(n_seeds, "n_seeds")
+    lr = checks.positive(lr, "lr")
     n = s.size
-    w = n if width is None else _checks.count(width, "width")
+    w = n if width is None else checks.count(width, "width")
     if any(k in ("decoupled", "random") for k in ins):
-        _checks.initial_strength(a0, s)
+        checks.initial_strength(a0, s)
     lrs = np.array([depth_learning_rate(lr, d, lr_scaling) for d in ds])
     stride = max(1, max_steps // n_stored)
     loss_steps = np.arange(0, max_steps + 1, stride)
@@ -141,18 +143,15 @@ def depth_sweep(
             ws = init_weights(
                 kind, sizes, n_batch=n_seeds, a0=a0, gain=gain, modes=(task.U, task.V), seed=g
             )
-            label = f"{kind} N={d}"
-            prog = None
-            if progress is not None:
-                prog = lambda k, tot, label=label: progress(label, k, tot)  # noqa: E731
             tr = gradient_descent(
                 ws,
                 sig,
                 float(lrs[j]),
                 max_steps,
-                observe=lambda p: ((p - sig) ** 2).sum((-1, -2)) / norm,
+                observe=lambda p, sig=sig, norm=norm: ((p - sig) ** 2).sum((-1, -2)) / norm,
                 stop=lambda obs: bool(torch.all(obs < crit)),
-                progress=prog,
+                progress=progress,
+                stage=f"{kind} N={d}",
             )
             curve = tr.observations.numpy()  # (T_done, B)
             times[i, j] = first_crossing(-curve, np.full(n_seeds, -crit), tr.steps)

@@ -1,6 +1,6 @@
 """Batched full-batch gradient descent of deep linear networks (torch).
 
-The loss is the whitened-input regression loss of spec §1,
+The loss is the whitened-input regression loss
 
     L(W_1, …, W_N) = ½ tr(W Σ_xx Wᵀ) − tr(Σ_yxᵀ W) + const,   W = W_N ⋯ W_1,
 
@@ -34,9 +34,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from qkdissect.dynamics import _checks
-from qkdissect.dynamics.tasks import Seed, make_generator, make_linear_task, random_orthogonal
+from qkdissect.dynamics import checks
+from qkdissect.dynamics.curves import first_crossing
+from qkdissect.dynamics.linear.tasks import Seed, make_generator, make_linear_task, random_orthogonal
 from qkdissect.errors import QKDissectError
+from qkdissect.progress import ProgressFn, throttled
 
 __all__ = [
     "INIT_KINDS",
@@ -47,13 +49,9 @@ __all__ = [
     "ModeSimulation",
     "simulate_modes",
     "effective_initial_strength",
-    "first_crossing",
 ]
 
 INIT_KINDS = ("decoupled", "random", "orthogonal", "gaussian")
-
-Progress = Callable[[int, int], None]
-
 
 def init_weights(
     kind: str,
@@ -76,14 +74,14 @@ def init_weights(
         modes: ``(U, V)`` with U ``(n_batch, N_o, r)``, V ``(n_batch, N_i, r)``; needed for
             ``decoupled`` (the task's singular vectors, as columns).
     """
-    sizes = [_checks.count(n, "layer size") for n in layer_sizes]
+    sizes = [checks.count(n, "layer size") for n in layer_sizes]
     depth = len(sizes) - 1
     if depth < 1:
         raise QKDissectError(
             f"layer_sizes: expected at least [n_in, n_out] (depth >= 1), got {list(layer_sizes)!r}."
         )
     g = make_generator(seed)
-    b = _checks.count(n_batch, "n_batch")
+    b = checks.count(n_batch, "n_batch")
     if kind == "decoupled":
         if modes is None:
             raise QKDissectError(
@@ -105,19 +103,19 @@ def init_weights(
             (bases[l + 1] * per_layer) @ bases[l].transpose(-1, -2) for l in range(depth)
         ]
     if kind == "random":
-        scale = _checks.positive(a0, "a0") ** (1.0 / depth)
+        scale = checks.positive(a0, "a0") ** (1.0 / depth)
         return [
             scale * torch.randn(b, sizes[l + 1], sizes[l], generator=g, dtype=dtype) / math.sqrt(sizes[l])
             for l in range(depth)
         ]
     if kind == "gaussian":
-        gn = _checks.positive(gain, "gain")
+        gn = checks.positive(gain, "gain")
         return [
             gn * torch.randn(b, sizes[l + 1], sizes[l], generator=g, dtype=dtype) / math.sqrt(sizes[l])
             for l in range(depth)
         ]
     if kind == "orthogonal":
-        gn = _checks.positive(gain, "gain")
+        gn = checks.positive(gain, "gain")
         out = []
         for l in range(depth):
             n_o, n_i = sizes[l + 1], sizes[l]
@@ -167,7 +165,8 @@ def gradient_descent(
     record_every: int = 1,
     observe: Callable[[torch.Tensor], torch.Tensor] | None = None,
     stop: Callable[[torch.Tensor], bool] | None = None,
-    progress: Progress | None = None,
+    progress: ProgressFn | None = None,
+    stage: str = "gradient descent",
 ) -> GDTrace:
     """Exact full-batch gradient descent on ``½ tr(W Σ_xx Wᵀ) − tr(Σ_yxᵀ W)``, batched over B.
 
@@ -180,17 +179,17 @@ def gradient_descent(
         record_every: record ``observe(W)`` every this many steps (and at the last step).
         observe: maps the product W ``(B, N_o, N_i)`` to what is recorded (default: W itself).
         stop: called with each recorded observation; returning True ends the run early.
-        progress: called as ``progress(steps_done, n_steps)`` about 100 times.
+        progress: called as ``progress(stage, steps_done, n_steps)`` about 100 times.
     """
-    lr = _checks.positive(lr, "lr")
-    n_steps = _checks.count(n_steps, "n_steps", minimum=0)
-    every = _checks.count(record_every, "record_every")
+    lr = checks.positive(lr, "lr")
+    n_steps = checks.count(n_steps, "n_steps", minimum=0)
+    every = checks.count(record_every, "record_every")
     obs_fn = observe if observe is not None else (lambda w: w.clone())
     ws = [w.detach().clone() for w in weights]
     depth = len(ws)
     records: list[torch.Tensor] = []
     rec_steps: list[int] = []
-    tick = max(1, n_steps // 100)
+    tick = throttled(progress, stage, n_steps)
     k = 0
     with torch.no_grad():
         while True:
@@ -220,42 +219,13 @@ def gradient_descent(
             for l in range(depth):
                 ws[l].sub_(grads[l], alpha=lr)
             k += 1
-            if progress is not None and (k % tick == 0 or k == n_steps):
-                progress(k, n_steps)
+            tick(k)
     return GDTrace(
         steps=np.asarray(rec_steps, dtype=np.int64),
         observations=torch.stack(records),
         weights=tuple(ws),
         n_steps_done=k,
     )
-
-
-def first_crossing(curves: np.ndarray, levels: np.ndarray, steps: np.ndarray) -> np.ndarray:
-    """First time each curve reaches its level (linear interpolation between records).
-
-    Args:
-        curves: ``(T, ...)`` values over time.
-        levels: broadcastable to ``curves.shape[1:]``.
-        steps: ``(T,)`` times of the records.
-    Returns:
-        ``curves.shape[1:]`` array of times; NaN where the level is never reached. A curve that
-        starts at or above its level gives ``steps[0]``.
-    """
-    c = np.asarray(curves, dtype=np.float64)
-    lv = np.broadcast_to(levels, c.shape[1:])
-    above = c >= lv
-    idx = np.argmax(above, axis=0)
-    reached = np.any(above, axis=0)
-    out = np.full(c.shape[1:], np.nan)
-    for pos in zip(*np.nonzero(reached)):
-        i = idx[pos]
-        if i == 0:
-            out[pos] = steps[0]
-            continue
-        y0, y1 = c[(i - 1, *pos)], c[(i, *pos)]
-        frac = (lv[pos] - y0) / (y1 - y0) if y1 != y0 else 1.0
-        out[pos] = steps[i - 1] + frac * (steps[i] - steps[i - 1])
-    return out
 
 
 def effective_initial_strength(
@@ -336,7 +306,7 @@ def simulate_modes(
     n_out: int | None = None,
     seed: int = 0,
     record_every: int = 1,
-    progress: Progress | None = None,
+    progress: ProgressFn | None = None,
 ) -> ModeSimulation:
     """Train ``n_seeds`` deep linear networks on tasks with spectrum ``strengths`` and record modes.
 
@@ -347,16 +317,16 @@ def simulate_modes(
     Returns:
         :class:`ModeSimulation`.
     """
-    s = _checks.strengths(strengths)
-    n = _checks.depth(depth)
+    s = checks.strengths(strengths)
+    n = checks.depth(depth)
     if init in ("decoupled", "random"):
-        _checks.initial_strength(a0, s)
+        checks.initial_strength(a0, s)
     if init not in INIT_KINDS:
         raise QKDissectError(f"init: expected one of {', '.join(INIT_KINDS)}, got {init!r}.")
-    n_seeds = _checks.count(n_seeds, "n_seeds")
+    n_seeds = checks.count(n_seeds, "n_seeds")
     g = make_generator(seed)
     task = make_linear_task(s, n_in, n_out, n_tasks=n_seeds, seed=g)
-    h = max(task.n_in, task.n_out) if hidden is None else _checks.count(hidden, "hidden")
+    h = max(task.n_in, task.n_out) if hidden is None else checks.count(hidden, "hidden")
     sizes = [task.n_in] + [h] * (n - 1) + [task.n_out]
     ws = init_weights(
         init, sizes, n_batch=n_seeds, a0=a0, gain=gain, modes=(task.U, task.V), seed=g

@@ -16,7 +16,7 @@ from typing import Union
 import numpy as np
 import torch
 
-from qkdissect.dynamics import _checks
+from qkdissect.dynamics import checks
 from qkdissect.errors import QKDissectError
 
 __all__ = [
@@ -39,7 +39,7 @@ def make_generator(seed: Seed) -> torch.Generator:
     """A CPU ``torch.Generator`` from an int seed (or the generator itself)."""
     if isinstance(seed, torch.Generator):
         return seed
-    return torch.Generator().manual_seed(_checks.count(seed, "seed", minimum=0))
+    return torch.Generator().manual_seed(checks.count(seed, "seed", minimum=0))
 
 
 def random_orthogonal(
@@ -55,8 +55,8 @@ def random_orthogonal(
     QR of a Gaussian matrix with the signs of R's diagonal moved into Q, which makes Q exactly
     Haar-distributed (Mezzadri 2007).
     """
-    n = _checks.count(n, "n")
-    k = n if k is None else _checks.count(k, "k")
+    n = checks.count(n, "n")
+    k = n if k is None else checks.count(k, "k")
     if k > n:
         raise QKDissectError(f"random_orthogonal: need k <= n orthonormal columns, got n={n}, k={k}.")
     g = make_generator(seed)
@@ -134,16 +134,16 @@ def make_linear_task(
     ``W_b = U_b diag(s) V_bᵀ`` with U_b (n_out × r) and V_b (n_in × r) drawn independently for
     each of the ``n_tasks`` tasks; ``r = len(strengths)``; n_in and n_out default to r.
     """
-    s = _checks.strengths(strengths, allow_zero=True)
+    s = checks.strengths(strengths, allow_zero=True)
     r = s.size
-    n_in = r if n_in is None else _checks.count(n_in, "n_in")
-    n_out = r if n_out is None else _checks.count(n_out, "n_out")
+    n_in = r if n_in is None else checks.count(n_in, "n_in")
+    n_out = r if n_out is None else checks.count(n_out, "n_out")
     if r > min(n_in, n_out):
         raise QKDissectError(
             f"make_linear_task: {r} modes need n_in and n_out >= {r}, got n_in={n_in}, n_out={n_out}. "
             "Give fewer strengths or larger dimensions."
         )
-    n_tasks = _checks.count(n_tasks, "n_tasks")
+    n_tasks = checks.count(n_tasks, "n_tasks")
     g = make_generator(seed)
     u = random_orthogonal(n_out, r, batch=n_tasks, seed=g, dtype=dtype)
     v = random_orthogonal(n_in, r, batch=n_tasks, seed=g, dtype=dtype)
@@ -161,7 +161,7 @@ def sample_inputs(
 
 @dataclass(frozen=True)
 class NoisyTeacher:
-    """Training correlation of a low-rank teacher seen through noise: ``Σ̂ = W̄ + Z`` (spec §2).
+    """Training correlation of a low-rank teacher seen through noise: ``Σ̂ = W̄ + Z``.
 
     With P = N_i orthonormal training inputs and outputs y = W̄x + noise, the student sees
     Σ̂ = Σ_μ y_μ x_μᵀ = W̄ + Z with Z of i.i.d. entries of variance 1/N_i.
@@ -203,7 +203,7 @@ def make_noisy_teacher(
 
 @dataclass(frozen=True)
 class TransferPair:
-    """Two rank-1 noisy teachers sharing the input space, for joint training (spec §2, transfer).
+    """Two rank-1 noisy teachers sharing the input space, for joint training (transfer).
 
     Source W̄_S = s̄_S ū_S v̄_Sᵀ (N_oS × N_i) and target W̄_T = s̄_T ū_T v̄_Tᵀ (N_oT × N_i) with
     input-feature alignment v̄_S·v̄_T = ``alignment``; their output spaces are disjoint. A network
@@ -243,12 +243,12 @@ def make_transfer_pair(
     The SNRs are the teacher strengths s̄_S, s̄_T (noise entries have variance 1/N_i).
     v̄_T = q v̄_S + √(1 − q²) v_⊥ with v_⊥ a random unit vector orthogonal to v̄_S.
     """
-    q = _checks.unit_interval(alignment, "alignment")
-    s_s = _checks.positive(snr_source, "snr_source")
-    s_t = _checks.positive(snr_target, "snr_target")
-    n_in = _checks.count(n_in, "n_in", minimum=2)
+    q = checks.unit_interval(alignment, "alignment")
+    s_s = checks.positive(snr_source, "snr_source")
+    s_t = checks.positive(snr_target, "snr_target")
+    n_in = checks.count(n_in, "n_in", minimum=2)
     g = make_generator(seed)
-    b = _checks.count(n_seeds, "n_seeds")
+    b = checks.count(n_seeds, "n_seeds")
     v2 = random_orthogonal(n_in, 2, batch=b, seed=g, dtype=dtype)
     v_s = v2[..., :1]
     v_t = q * v_s + np.sqrt(max(0.0, 1.0 - q * q)) * v2[..., 1:]

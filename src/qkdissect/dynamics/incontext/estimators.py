@@ -1,4 +1,4 @@
-"""Ideal in-context estimators of a linear map from k samples, and their mode recovery (spec §3).
+"""Ideal in-context estimators of a linear map from k samples, and their mode recovery.
 
 Given k samples X ``(B, k, N_x)`` (rows x_tᵀ) and Y ``(B, k, N_y)`` (rows y_tᵀ = (W x_t + ε_t)ᵀ):
 
@@ -7,7 +7,7 @@ Given k samples X ``(B, k, N_x)`` (rows x_tᵀ) and Y ``(B, k, N_y)`` (rows y_t�
 * Bayes posterior mean         Ŵ = Yᵀ (X C Xᵀ + σ² I)⁺ X C
   under a Gaussian prior on the rows of W with the task prior's second moments,
   C = E[w_i w_iᵀ] = Σ_α s_α² E[v_α v_αᵀ] / N_y, i.e. (Σ s²/(N_x N_y)) I for the ``rotation``
-  prior and diag(s², 0…)/N_y for the ``aligned`` prior (see :mod:`~qkdissect.dynamics.incontext`).
+  prior and diag(s², 0…)/N_y for the ``aligned`` prior (see :mod:`~qkdissect.dynamics.incontext.setting`).
 
 Exactness of "Bayes". For the rotation prior without noise the exact posterior mean under the
 true (non-Gaussian, fixed-spectrum) prior *is* the minimum-norm estimate: the data fix W on
@@ -38,9 +38,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from qkdissect.dynamics import _checks
-from qkdissect.dynamics.incontext import PRIORS, mode_recovery, sample_episode
-from qkdissect.dynamics.tasks import LinearTask, Seed, make_generator
+from qkdissect.dynamics import checks
+from qkdissect.dynamics.incontext.setting import PRIORS, mode_recovery, sample_episode
+from qkdissect.dynamics.linear.tasks import LinearTask, Seed, make_generator
 from qkdissect.errors import QKDissectError
 
 __all__ = [
@@ -79,7 +79,7 @@ def min_norm_estimate(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def ridge_estimate(x: torch.Tensor, y: torch.Tensor, lam: float) -> torch.Tensor:
     """Ŵ = Yᵀ X (XᵀX + λI)⁻¹, ``(B, N_y, N_x)``; λ > 0."""
     _check_xy(x, y)
-    lam = _checks.positive(lam, "ridge lambda")
+    lam = checks.positive(lam, "ridge lambda")
     n_x = x.shape[-1]
     gram = x.transpose(-1, -2) @ x + lam * torch.eye(n_x, dtype=x.dtype)
     return torch.linalg.solve(gram, x.transpose(-1, -2) @ y).transpose(-1, -2)
@@ -89,7 +89,7 @@ def prior_row_covariance(
     strengths: Any, n_x: int, n_y: int, prior: str = "rotation", dtype: torch.dtype = torch.float64
 ) -> torch.Tensor:
     """C = E[w_i w_iᵀ] ``(N_x, N_x)`` of a row of W under the task prior (module docstring)."""
-    s = _checks.strengths(strengths)
+    s = checks.strengths(strengths)
     if prior == "rotation":
         return torch.eye(n_x, dtype=dtype) * float((s**2).sum()) / (n_x * n_y)
     if prior == "aligned":
@@ -152,7 +152,7 @@ def _estimator(name: str, *, ridge: float, covariance: torch.Tensor | None, nois
     if name == "min_norm":
         return min_norm_estimate
     if name == "ridge":
-        _checks.positive(ridge, "ridge lambda")
+        checks.positive(ridge, "ridge lambda")
         return lambda x, y: ridge_estimate(x, y, ridge)
     if name == "bayes":
         return lambda x, y: bayes_estimate(x, y, covariance, noise)
@@ -173,7 +173,7 @@ def estimator_recovery(
 
     The same samples are used for every estimator and every k (the first k of the episode).
     """
-    kk = np.asarray([_checks.count(k, "k", minimum=0) for k in ks], dtype=np.int64)
+    kk = np.asarray([checks.count(k, "k", minimum=0) for k in ks], dtype=np.int64)
     if kk.size == 0:
         raise QKDissectError("ks: expected at least one number of samples.")
     if noise < 0:

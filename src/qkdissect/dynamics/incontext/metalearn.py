@@ -1,6 +1,6 @@
-"""Learners vs meta-learners on linear regression (spec §3; Rabinowitz 2019).
+"""Learners vs meta-learners on linear regression (Rabinowitz 2019).
 
-Tasks y = W x (+ ε), W = U diag(s) Vᵀ (:mod:`~qkdissect.dynamics.incontext`).
+Tasks y = W x (+ ε), W = U diag(s) Vᵀ (:mod:`~qkdissect.dynamics.incontext.setting`).
 
 **Learner** (:func:`sgd_learner`). A fresh two-layer linear network ŷ = W_2 W_1 x per task,
 trained by minibatch SGD on fresh samples of that task from small random init
@@ -30,17 +30,24 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from qkdissect.dynamics import _checks
-from qkdissect.dynamics.incontext import mode_recovery, sample_episode, task_subset
-from qkdissect.dynamics.simulate import effective_initial_strength, init_weights
-from qkdissect.dynamics.tasks import LinearTask, Seed, make_generator
+from qkdissect.dynamics import checks
+from qkdissect.dynamics.incontext.setting import (
+    linear_readout,
+    mode_recovery,
+    probe_queries,
+    sample_episode,
+    task_subset,
+)
+from qkdissect.dynamics.linear.simulate import effective_initial_strength, init_weights
+from qkdissect.dynamics.linear.tasks import LinearTask, Seed, make_generator
 from qkdissect.errors import QKDissectError
+from qkdissect.progress import ProgressFn, throttled
 
 __all__ = [
     "LearnerTrace",
@@ -54,9 +61,6 @@ __all__ = [
     "lstm_query_outputs",
     "episode_loss",
 ]
-
-Progress = Callable[[int, int], None]
-
 
 # ----------------------------------------------------------------------------- learner
 
@@ -94,14 +98,14 @@ def sgd_learner(
     noise: float = 0.0,
     record_every: int = 10,
     seed: Seed = 0,
-    progress: Progress | None = None,
+    progress: ProgressFn | None = None,
 ) -> LearnerTrace:
     """Train a fresh 2-layer linear network on every task of ``task`` by minibatch SGD (module docstring)."""
-    h = _checks.count(hidden, "hidden")
-    lr = _checks.positive(lr, "lr")
-    b = _checks.count(batch, "batch")
-    n_steps = _checks.count(n_steps, "n_steps")
-    every = _checks.count(record_every, "record_every")
+    h = checks.count(hidden, "hidden")
+    lr = checks.positive(lr, "lr")
+    b = checks.count(batch, "batch")
+    n_steps = checks.count(n_steps, "n_steps")
+    every = checks.count(record_every, "record_every")
     g = make_generator(seed)
     w1, w2 = init_weights("random", [task.n_in, h, task.n_out], n_batch=task.n_tasks, a0=a0, seed=g,
                           dtype=task.U.dtype)
@@ -109,7 +113,7 @@ def sgd_learner(
     target = task.matrix
     norm = float((task.strengths[0] ** 2).sum())
     steps, recs, losses = [], [], []
-    tick = max(1, n_steps // 100)
+    tick = throttled(progress, "SGD learners", n_steps)
     for t in range(n_steps + 1):
         if t % every == 0 or t == n_steps:
             p = w2 @ w1
@@ -125,8 +129,7 @@ def sgd_learner(
         g1 = (err @ w2).transpose(-1, -2) @ x / b
         w2 = w2 - lr * g2
         w1 = w1 - lr * g1
-        if progress is not None and ((t + 1) % tick == 0 or t + 1 == n_steps):
-            progress(t + 1, n_steps)
+        tick(t + 1)
     return LearnerTrace(
         steps=np.asarray(steps), recovery=torch.stack(recs).numpy(), effective_a0=eff,
         loss=np.asarray(losses), batch=b, lr=lr, hidden=h,
@@ -141,8 +144,8 @@ class LSTMMetaLearner(nn.Module):
 
     def __init__(self, n_x: int, n_y: int, hidden: int = 128, layers: int = 1):
         super().__init__()
-        self.n_x, self.n_y = _checks.count(n_x, "n_x"), _checks.count(n_y, "n_y")
-        self.hidden, self.layers = _checks.count(hidden, "hidden"), _checks.count(layers, "layers")
+        self.n_x, self.n_y = checks.count(n_x, "n_x"), checks.count(n_y, "n_y")
+        self.hidden, self.layers = checks.count(hidden, "hidden"), checks.count(layers, "layers")
         self.lstm = nn.LSTM(n_x + n_y, hidden, num_layers=layers, batch_first=True)
         self.readout = nn.Linear(hidden, n_y)
 
@@ -201,19 +204,19 @@ def meta_train(
     noise: float = 0.0,
     n_evals: int = 40,
     seed: Seed = 0,
-    progress: Progress | None = None,
+    progress: ProgressFn | None = None,
 ) -> MetaTrainLog:
     """Meta-train ``model`` (in place, float32) on episodes of tasks drawn from ``train_tasks``.
 
     Adam with learning rate ``lr`` and cosine decay to 0, gradient-norm clipping at ``clip``;
     every meta-step draws ``batch`` tasks from the pool (with replacement) and fresh samples.
     """
-    n_steps = _checks.count(n_steps, "meta steps")
-    batch = _checks.count(batch, "batch")
-    t_len = _checks.count(episode_length, "episode_length", minimum=2)
+    n_steps = checks.count(n_steps, "meta steps")
+    batch = checks.count(batch, "batch")
+    t_len = checks.count(episode_length, "episode_length", minimum=2)
     g = make_generator(seed)
     norm = float((train_tasks.strengths[0] ** 2).sum())
-    opt = torch.optim.Adam(model.parameters(), lr=_checks.positive(lr, "lr"))
+    opt = torch.optim.Adam(model.parameters(), lr=checks.positive(lr, "lr"))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, n_steps) / n_steps)))
     eval_at = set(np.unique(np.linspace(0, n_steps, max(2, n_evals)).astype(int)).tolist())
     test_x, test_y = sample_episode(test_tasks, t_len, noise=noise, generator=make_generator(int(torch.randint(2**31, (1,), generator=g))))
@@ -221,7 +224,7 @@ def meta_train(
     log_steps, tr, te, te_t = [], [], [], []
     recent: list[float] = []
     start = time.perf_counter()
-    tick = max(1, n_steps // 200)
+    tick = throttled(progress, "meta-training", n_steps, updates=200)
     model.train()
     for step in range(n_steps + 1):
         if step in eval_at:
@@ -247,8 +250,7 @@ def meta_train(
         opt.step()
         sched.step()
         recent.append(float(loss.detach()))
-        if progress is not None and ((step + 1) % tick == 0 or step + 1 == n_steps):
-            progress(step + 1, n_steps)
+        tick(step + 1)
     model.eval()
     return MetaTrainLog(
         steps=np.asarray(log_steps), train_loss=np.asarray(tr), test_loss=np.asarray(te),
@@ -310,8 +312,8 @@ def probe_lstm(
     seed: Seed = 0,
 ) -> LSTMProbe:
     """Read out Ŵ_k after k = 0 … episode_length − 1 context samples of every task (module docstring)."""
-    t_len = _checks.count(episode_length, "episode_length", minimum=2)
-    c = _checks.positive(probe_scale, "probe_scale")
+    t_len = checks.count(episode_length, "episode_length", minimum=2)
+    c = checks.positive(probe_scale, "probe_scale")
     if tasks.n_in != model.n_x or tasks.n_out != model.n_y:
         raise QKDissectError(
             f"tasks have N_x={tasks.n_in}, N_y={tasks.n_out} but the meta-learner reads N_x={model.n_x}, "
@@ -320,18 +322,10 @@ def probe_lstm(
     g = make_generator(seed)
     x, y = sample_episode(tasks, t_len, noise=noise, generator=g)
     b, n_x = tasks.n_tasks, tasks.n_in
-    eye = torch.eye(n_x) * c
-    basis = torch.cat([eye, -eye, torch.zeros(1, n_x)])  # (2 N_x + 1, N_x): ±c e_i and 0
     rand_q = torch.randn(t_len, b, n_random, n_x, generator=g, dtype=torch.float64).float()
-    queries = torch.cat([basis.expand(t_len, b, -1, -1), rand_q], dim=2)
     model.eval()
-    f = lstm_query_outputs(model, lstm_inputs(x, y).float(), y.float(), queries).double()  # (T, B, Q, N_y)
-    W = ((f[:, :, :n_x] - f[:, :, n_x : 2 * n_x]) / (2 * c)).transpose(-1, -2)  # (T, B, N_y, N_x)
-    pred = f[:, :, 2 * n_x, None] + rand_q.double() @ W.transpose(-1, -2)
-    fr = f[:, :, 2 * n_x + 1 :]
-    ss_res = ((fr - pred) ** 2).sum((1, 2, 3))
-    ss_tot = ((fr - fr.mean(2, keepdim=True)) ** 2).sum((1, 2, 3))
-    r2 = torch.where(ss_tot > 0, 1 - ss_res / ss_tot.clamp_min(1e-300), torch.nan)
+    f = lstm_query_outputs(model, lstm_inputs(x, y).float(), y.float(), probe_queries(rand_q, c))  # (T, B, Q, N_y)
+    W, r2 = linear_readout(f, rand_q, c)  # (T, B, N_y, N_x), (T,)
     return LSTMProbe(
         ks=np.arange(t_len), W_hat=W.numpy(), recovery=mode_recovery(tasks, W).numpy(),
         linearity_r2=r2.numpy(), probe_scale=c,

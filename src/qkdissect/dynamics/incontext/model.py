@@ -1,4 +1,4 @@
-"""A small attention-only transformer for in-context linear regression (spec §4).
+"""A small attention-only transformer for in-context linear regression.
 
 Tokens (von Oswald et al. 2023; "In-Context Linear Regression Demystified"): context tokens
 z_j = (x_j, y_j) ∈ R^{N_x + N_y}, j = 1…N, followed by query tokens (x_q, 0) whose y-part is
@@ -17,8 +17,8 @@ is given k samples sees context tokens 1…k and itself, never other queries —
 with different k can share one sequence without altering the context or each other.
 
 The query-key matrix of head h is M_h = W_Q,hᵀ W_K,h, exactly what qkdissect decomposes; the
-adapter :class:`~qkdissect.dynamics.icl_adapter.ICLTransformerAdapter` (registered on import)
-makes ``qkdissect.dissect(model)`` work on this class.
+adapter :class:`~qkdissect.dynamics.incontext.adapter.ICLTransformerAdapter` (registered when
+``qkdissect.dynamics`` is imported) makes ``qkdissect.dissect(model)`` work on this class.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from qkdissect.dynamics import _checks
+from qkdissect.dynamics import checks
 from qkdissect.errors import QKDissectError
 
 __all__ = ["ATTENTION_KINDS", "ICLBatch", "icl_batch", "icl_mask", "ICLAttention", "ICLTransformer"]
@@ -174,16 +174,16 @@ class ICLTransformer(nn.Module):
         attention: str = "softmax", context: int = 40, init_scale: float = 0.1, seed: int = 0,
     ):
         super().__init__()
-        self.n_x, self.n_y = _checks.count(n_x, "n_x"), _checks.count(n_y, "n_y")
+        self.n_x, self.n_y = checks.count(n_x, "n_x"), checks.count(n_y, "n_y")
         self.d_model = self.n_x + self.n_y
-        self.d_head = self.d_model if d_head is None else _checks.count(d_head, "d_head")
-        self.n_heads = _checks.count(n_heads, "heads")
-        self.context = _checks.count(context, "context")
+        self.d_head = self.d_model if d_head is None else checks.count(d_head, "d_head")
+        self.n_heads = checks.count(n_heads, "heads")
+        self.context = checks.count(context, "context")
         self.attention = attention
         self.init_scale = float(init_scale)
         self.layers = nn.ModuleList([
             ICLAttention(self.d_model, self.n_heads, self.d_head, attention, self.context)
-            for _ in range(_checks.count(n_layers, "layers"))
+            for _ in range(checks.count(n_layers, "layers"))
         ])
         g = torch.Generator().manual_seed(int(seed))
         with torch.no_grad():
@@ -214,6 +214,3 @@ class ICLTransformer(nn.Module):
             "n_parameters": sum(p.numel() for p in self.parameters()),
             "tokens": "context (x_j, y_j); queries (x_q, 0); prediction = y-part of the query's output",
         }
-
-
-from qkdissect.dynamics import icl_adapter as _icl_adapter  # noqa: E402,F401  (registers the adapter)

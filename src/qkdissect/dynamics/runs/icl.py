@@ -29,84 +29,59 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from qkdissect.dynamics import _checks, plots
-from qkdissect.dynamics.estimators import estimator_recovery, min_norm_recovery
-from qkdissect.dynamics.experiments import _outdir, versions, write_results
-from qkdissect.dynamics.icl import cosine_statistics, probe_icl, train_icl, weight_spectra
-from qkdissect.dynamics.icl_model import ATTENTION_KINDS, ICLTransformer
-from qkdissect.dynamics.incontext import PRIORS, concurrency, make_prior_tasks, task_subset
-from qkdissect.dynamics.meta_experiments import DEFINITIONS, _curve, _load, _load_results, _seeds, _stage
-from qkdissect.dynamics.simulate import first_crossing
+from qkdissect.dynamics import checks
+from qkdissect.dynamics.curves import staggering
+from qkdissect.dynamics.incontext.estimators import estimator_recovery, min_norm_recovery
+from qkdissect.dynamics.incontext.model import ATTENTION_KINDS, ICLTransformer
+from qkdissect.dynamics.incontext.setting import PRIORS, concurrency, make_prior_tasks, task_subset
+from qkdissect.dynamics.incontext.train import cosine_statistics, probe_icl, train_icl, weight_spectra
+from qkdissect.dynamics.linear.tasks import LinearTask
+from qkdissect.dynamics.plots.incontext import plot_icl_cosines, plot_icl_in_context, plot_icl_outer_loop
+from qkdissect.dynamics.runs.common import (
+    RunClock,
+    config_dict,
+    derive_seeds,
+    load_results,
+    output_folder,
+    recovery_curve,
+    write_results,
+)
+from qkdissect.dynamics.runs.configs import ICLConfig
+from qkdissect.dynamics.runs.metalearn import DEFINITIONS
 from qkdissect.errors import QKDissectError
+from qkdissect.progress import ProgressFn
 
-__all__ = ["run_icl", "load_icl", "QUICK_ICL", "staggering"]
-
-ProgressFn = Callable[[str, int, int], None]
-
-#: Settings of ``icl --quick`` (tests).
-QUICK_ICL: dict[str, Any] = dict(steps=120, batch=16, n_train_tasks=500, n_test_tasks=48, n_checkpoints=12,
-                                 context=12, outer_tasks=24)
-
-
-def staggering(steps: np.ndarray, values: np.ndarray, *, min_share: float = 0.1) -> dict[str, Any]:
-    """Half-times of growing quantities and how staggered they are.
-
-    Args:
-        steps: ``(C,)`` checkpoint steps; values: ``(C, ..., r)`` (e.g. singular values per head).
-        min_share: quantities whose final value is below this share of the largest final value in
-            their group (the last axis) are left out (they are not learned, their half-time is noise).
-    Returns:
-        ``half_times`` ``(..., r)`` (first step at half the final value; NaN if left out or never),
-        ``index`` ``(...)`` = std/mean of the kept half-times (0 = simultaneous), and
-        ``largest_first`` ``(...)``: True when the kept half-times increase as the final value decreases.
-    """
-    v = np.abs(np.asarray(values, dtype=np.float64))
-    final = v[-1]
-    ht = first_crossing(v, 0.5 * final, np.asarray(steps, dtype=np.float64))
-    keep = final >= min_share * final.max(-1, keepdims=True)
-    ht = np.where(keep, ht, np.nan)
-    flat_ht = ht.reshape(-1, ht.shape[-1])
-    flat_final = final.reshape(-1, final.shape[-1])
-    index, order = [], []
-    for h, f in zip(flat_ht, flat_final):
-        ok = np.isfinite(h)
-        pts = h[ok]
-        index.append(float(pts.std() / pts.mean()) if pts.size > 1 and pts.mean() > 0 else float("nan"))
-        by_size = pts[np.argsort(-f[ok], kind="stable")]
-        order.append(bool(np.all(np.diff(by_size) >= 0)) if pts.size > 1 else None)
-    shape = ht.shape[:-1]
-    return {"half_times": ht, "index": np.asarray(index).reshape(shape),
-            "largest_first": np.asarray(order, dtype=object).reshape(shape).tolist()}
+__all__ = ["load_icl", "run_icl"]
 
 
 def _variant(
-    outdir: Path, attention: str, prior: str, s: np.ndarray, train, test, *, n_x: int, n_y: int, layers: int,
-    heads: int, d_head: int | None, context: int, init_scale: float, steps: int, batch: int, lr: float,
-    optimizer: str, noise: float, ridge: float, n_checkpoints: int, outer_tasks: int, probe_scale: float,
+    outdir: Path, c: ICLConfig, attention: str, prior: str, s: np.ndarray, train: LinearTask, test: LinearTask,
     seeds: dict[str, int], progress: ProgressFn | None,
 ) -> dict[str, Any]:
+    """Train one transformer and analyse it: outer loop, in-context recovery, cosines; returns its entry."""
     name = f"{attention}-{prior}"
     folder = outdir / name
     t_start = time.perf_counter()
-    model = ICLTransformer(n_x, n_y, n_layers=layers, n_heads=heads, d_head=d_head, attention=attention,
-                           context=context, init_scale=init_scale, seed=seeds["model_init"])
-    outer = task_subset(test, slice(0, min(outer_tasks, test.n_tasks)))
+    n_x, context = c.n_x, c.context
+    model = ICLTransformer(n_x, c.n_y or n_x, n_layers=c.layers, n_heads=c.heads, d_head=c.d_head or None,
+                           attention=attention, context=context, init_scale=c.init_scale, seed=seeds["model_init"])
+    outer = task_subset(test, slice(0, min(c.outer_tasks, test.n_tasks)))
     snapshots: list[dict[str, torch.Tensor]] = []
     m_full: list[np.ndarray] = []
 
     def on_checkpoint(step: int, m: ICLTransformer) -> None:
         snapshots.append({k: v.detach().clone() for k, v in m.state_dict().items()})
-        p = probe_icl(m, outer, [context], noise=noise, probe_scale=probe_scale, n_random=1, seed=seeds["outer"])
+        p = probe_icl(m, outer, [context], noise=c.noise, probe_scale=c.probe_scale, n_random=1, seed=seeds["outer"])
         m_full.append(p.recovery[0].mean(0))
 
-    log = train_icl(model, train, test, n_steps=steps, batch=batch, lr=lr, optimizer=optimizer, noise=noise,
-                    n_checkpoints=n_checkpoints, checkpoint_dir=folder / "checkpoints", on_checkpoint=on_checkpoint,
-                    seed=seeds["train"], progress=_stage(progress, f"training {name}"))
+    log = train_icl(model, train, test, n_steps=c.steps, batch=c.batch, lr=c.lr, optimizer=c.optimizer,
+                    noise=c.noise, n_checkpoints=c.checkpoints, checkpoint_dir=folder / "checkpoints",
+                    on_checkpoint=on_checkpoint, seed=seeds["train"], progress=progress, stage=f"training {name}")
     t_train = time.perf_counter() - t_start
     from safetensors.torch import save_file
 
@@ -134,12 +109,12 @@ def _variant(
                                                   "half-steps at half the final value, index = std/mean",
     }
     ks = np.arange(context + 1)
-    probe = probe_icl(model, test, list(ks), noise=noise, probe_scale=probe_scale, seed=seeds["probe"])
-    est = estimator_recovery(test, ks, ridge=ridge, noise=noise, prior=prior, seed=seeds["estimators"])
-    in_context = _curve(ks, probe.recovery, s)
+    probe = probe_icl(model, test, list(ks), noise=c.noise, probe_scale=c.probe_scale, seed=seeds["probe"])
+    est = estimator_recovery(test, ks, ridge=c.ridge, noise=c.noise, prior=prior, seed=seeds["estimators"])
+    in_context = recovery_curve(ks, probe.recovery, s)
     in_context.update({
         "linearity_r2": probe.linearity_r2, "probe_scale": probe.probe_scale,
-        "estimators": {n: _curve(ks, e.per_task, s) for n, e in est.items()},
+        "estimators": {n: recovery_curve(ks, e.per_task, s) for n, e in est.items()},
         "min_norm_closed_form": min_norm_recovery(ks, n_x),
     })
     cos = cosine_statistics(model, spec=f"icl-transformer:{name}")
@@ -193,7 +168,8 @@ INDEX_THRESHOLD = 0.1
 
 
 def _findings(v: dict[str, Any]) -> dict[str, Any]:
-    """Yes/no answers to the three questions of spec §4 for one variant, with the numbers behind them."""
+    """Yes/no answers, with the numbers behind them, to the three questions for one variant: is the outer
+    loop staggered, is in-context recovery concurrent, is the KQ x–x block ≈ ω·I?"""
     sm = v["summary"]
     heads = v["cosines"]["heads"]
     oc = v["outer_loop"]["m_full_context_concurrency"]
@@ -221,80 +197,47 @@ def _findings(v: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_icl(
-    out: str | Path,
-    strengths: Sequence[float] = (3, 2, 1.5, 1, 0.5),
-    *,
-    attentions: Sequence[str] = ("softmax", "linear"),
-    priors: Sequence[str] = ("rotation", "aligned"),
-    n_x: int = 5,
-    n_y: int | None = None,
-    layers: int = 1,
-    heads: int = 4,
-    d_head: int | None = None,
-    context: int = 40,
-    init_scale: float = 0.1,
-    steps: int = 10_000,
-    batch: int = 64,
-    lr: float = 1e-3,
-    optimizer: str = "adam",
-    noise: float = 0.0,
-    ridge: float = 1.0,
-    n_train_tasks: int = 50_000,
-    n_test_tasks: int = 512,
-    n_checkpoints: int = 200,
-    outer_tasks: int = 128,
-    probe_scale: float = 1.0,
-    seed: int = 0,
-    progress: ProgressFn | None = None,
-) -> dict[str, Any]:
+def run_icl(out: str | Path, config: ICLConfig | None = None, *, progress: ProgressFn | None = None
+            ) -> dict[str, Any]:
     """Train one transformer per (attention, prior) and analyse it (module docstring)."""
-    s = _checks.strengths(strengths)
-    n_y = n_x if n_y is None else n_y
-    attentions, priors = list(attentions), list(priors)
-    for a in attentions:
+    c = config or ICLConfig()
+    s = checks.strengths(c.strengths)
+    n_y = c.n_y or c.n_x
+    for a in c.attention:
         if a not in ATTENTION_KINDS:
             raise QKDissectError(f"--attention: expected a comma list of {', '.join(ATTENTION_KINDS)}, got {a!r}.")
-    for p in priors:
+    for p in c.prior:
         if p not in PRIORS:
             raise QKDissectError(f"--prior: expected a comma list of {', '.join(PRIORS)}, got {p!r}.")
-    if not attentions or not priors:
+    if not c.attention or not c.prior:
         raise QKDissectError("--attention and --prior need at least one value each.")
-    if noise < 0:
-        raise QKDissectError(f"--noise: expected a standard deviation >= 0, got {noise!r}.")
-    outdir = _outdir(out)
-    load_start, started = _load(), time.perf_counter()
+    if c.noise < 0:
+        raise QKDissectError(f"--noise: expected a standard deviation >= 0, got {c.noise!r}.")
+    outdir = output_folder(out)
+    clock = RunClock()
     variants = []
     all_seeds: dict[str, dict[str, int]] = {}
-    for prior in priors:
-        seeds = _seeds(seed + PRIORS.index(prior),
-                       ["train_tasks", "test_tasks", "model_init", "train", "probe", "outer", "estimators"])
+    for prior in c.prior:
+        seeds = derive_seeds(c.seed + PRIORS.index(prior),
+                             ["train_tasks", "test_tasks", "model_init", "train", "probe", "outer", "estimators"])
         all_seeds[prior] = seeds
-        train = make_prior_tasks(s, n_x, n_y, prior=prior, n_tasks=n_train_tasks, seed=seeds["train_tasks"])
-        test = make_prior_tasks(s, n_x, n_y, prior=prior, n_tasks=n_test_tasks, seed=seeds["test_tasks"])
-        for attention in attentions:
-            v = _variant(outdir, attention, prior, s, train, test, n_x=n_x, n_y=n_y, layers=layers, heads=heads,
-                         d_head=d_head, context=context, init_scale=init_scale, steps=steps, batch=batch, lr=lr,
-                         optimizer=optimizer, noise=noise, ridge=ridge, n_checkpoints=n_checkpoints,
-                         outer_tasks=outer_tasks, probe_scale=probe_scale, seeds=seeds, progress=progress)
+        train = make_prior_tasks(s, c.n_x, n_y, prior=prior, n_tasks=c.train_tasks, seed=seeds["train_tasks"])
+        test = make_prior_tasks(s, c.n_x, n_y, prior=prior, n_tasks=c.test_tasks, seed=seeds["test_tasks"])
+        for attention in c.attention:
+            with clock.part(f"{attention}-{prior}"):
+                v = _variant(outdir, c, attention, prior, s, train, test, seeds, progress)
             v["summary"] = _summary(v, s)
             v["findings"] = _findings(v)
             variants.append(v)
-    f_outer = plots.plot_icl_outer_loop(outdir / "icl_outer_loop.png", s, variants)
-    f_in = plots.plot_icl_in_context(outdir / "icl_in_context.png", s, variants, ridge=ridge)
-    f_cos = plots.plot_icl_cosines(outdir / "icl_cosines.png", variants)
+    f_outer = plot_icl_outer_loop(outdir / "icl_outer_loop.png", s, variants)
+    f_in = plot_icl_in_context(outdir / "icl_in_context.png", s, variants, ridge=c.ridge)
+    f_cos = plot_icl_cosines(outdir / "icl_cosines.png", variants)
     results = {
-        "command": "icl",
-        "parameters": {
-            "strengths": s, "attentions": attentions, "priors": priors, "n_x": n_x, "n_y": n_y, "layers": layers,
-            "heads": heads, "d_head": d_head or n_x + n_y, "context": context, "init_scale": init_scale,
-            "steps": steps, "batch": batch, "lr": lr, "optimizer": optimizer, "noise": noise, "ridge_lambda": ridge,
-            "n_train_tasks": n_train_tasks, "n_test_tasks": n_test_tasks, "n_checkpoints": n_checkpoints,
-            "outer_tasks": outer_tasks, "probe_scale": probe_scale, "seed": seed, "derived_seeds": all_seeds,
-        },
+        "parameters": {**config_dict(c), "strengths": s, "n_y": n_y, "d_head": c.d_head or c.n_x + n_y,
+                       "derived_seeds": all_seeds},
         "choices": {
             "model": "attention-only transformer on raw tokens (x, y), d_model = n_x + n_y, no embedding, no "
-                     "LayerNorm, no MLP; prediction = y-part of the query's output; see icl_model docstring",
+                     "LayerNorm, no MLP; prediction = y-part of the query's output; see qkdissect.dynamics.incontext.model",
             "training": "every batch: N context samples and N+1 fresh queries seeing k = 0..N of them; loss = "
                         "relative error averaged over k; constant learning rate; same tasks and same initial "
                         "weights for the attention variants of a prior",
@@ -315,15 +258,12 @@ def run_icl(
             "and the per-head omega. Rabinowitz's meta-learner picture predicts concurrent in-context recovery; "
             "Saxe's picture predicts staggered outer-loop learning where the prior ties strengths to fixed "
             "directions (prior 'aligned'); under the rotation-invariant prior no direction is privileged."),
-        "timings_seconds": {"total": time.perf_counter() - started, **{v["name"]: v["seconds"] for v in variants}},
-        "load_average": {"start": load_start, "end": _load()},
-        "torch_threads": torch.get_num_threads(),
         "figures": [f_outer.name, f_in.name, f_cos.name],
-        "versions": versions(),
+        **clock.summary(),
     }
-    return write_results(outdir, results)
+    return write_results(outdir, "icl", results)
 
 
 def load_icl(folder: str | Path) -> dict[str, Any]:
     """Read the results.json of an ``icl`` folder (QKDissectError if it is not one)."""
-    return _load_results(folder, "icl")
+    return load_results(folder, "icl")

@@ -1,4 +1,4 @@
-"""Random-matrix facts for a low-rank teacher seen through noise (spec §2, Lampinen & Ganguli 2019).
+"""Random-matrix facts for a low-rank teacher seen through noise (Lampinen & Ganguli 2019).
 
 Normalisation. The training correlation is Σ̂ = W̄ + Z, an ``N_o × N_i`` matrix with
 W̄ = Σ_α s̄_α ū_α v̄_αᵀ and Z with i.i.d. entries of variance 1/N_i. The aspect ratio is
@@ -25,12 +25,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from qkdissect.dynamics import _checks
+from qkdissect.dynamics import checks
 
 __all__ = [
     "marchenko_pastur_edges",
     "marchenko_pastur_density",
     "marchenko_pastur_expectation",
+    "marchenko_pastur_nodes",
     "detection_threshold",
     "spike_singular_value",
     "spike_overlaps",
@@ -42,7 +43,7 @@ __all__ = [
 
 def marchenko_pastur_edges(aspect_ratio: float) -> tuple[float, float]:
     """Edges of the noise singular-value bulk: ``(1 − √A, 1 + √A)``."""
-    a = _checks.aspect_ratio(aspect_ratio)
+    a = checks.aspect_ratio(aspect_ratio)
     return 1.0 - np.sqrt(a), 1.0 + np.sqrt(a)
 
 
@@ -61,7 +62,7 @@ def marchenko_pastur_density(sigma: Any, aspect_ratio: float) -> np.ndarray:
     Returns:
         array with the shape of ``sigma``.
     """
-    a = _checks.aspect_ratio(aspect_ratio)
+    a = checks.aspect_ratio(aspect_ratio)
     x = np.asarray(sigma, dtype=np.float64)
     lo, hi = (1.0 - np.sqrt(a)) ** 2, (1.0 + np.sqrt(a)) ** 2
     lam = x * x
@@ -82,14 +83,31 @@ def marchenko_pastur_expectation(
     integrand in θ ∈ (0, π), and Gauss–Legendre quadrature with ``n_nodes`` nodes. ``fn`` maps a
     ``(n_nodes,)`` array of σ to ``(n_nodes, ...)``; the result has shape ``(...)``.
     """
-    sig, w = _mp_nodes(_checks.aspect_ratio(aspect_ratio), n_nodes)
+    sig, w = marchenko_pastur_nodes(checks.aspect_ratio(aspect_ratio), n_nodes)
     vals = np.asarray(fn(sig), dtype=np.float64)
     return np.tensordot(w, vals, axes=(0, 0))
 
 
+def marchenko_pastur_nodes(a: float, n_nodes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Quadrature nodes σ ``(n_nodes,)`` and weights w ``(n_nodes,)`` with Σ w f(σ) ≈ ∫ p_MP(σ) f(σ) dσ.
+
+    A = ``a`` (not checked here); λ = σ² = λ₋ + (λ₊ − λ₋)(1 − cos θ)/2 with Gauss–Legendre nodes in
+    θ ∈ (0, π); the weights are normalised so that Σ w = 1 exactly.
+    """
+    x, wx = _leggauss(n_nodes)
+    theta = 0.5 * np.pi * (x + 1.0)
+    lo, hi = (1.0 - np.sqrt(a)) ** 2, (1.0 + np.sqrt(a)) ** 2
+    half = 0.5 * (hi - lo)
+    lam = lo + half * (1.0 - np.cos(theta))
+    # p(λ) dλ = half² sin²θ / (2π A λ) dθ
+    w = 0.5 * np.pi * wx * half**2 * np.sin(theta) ** 2 / (2.0 * np.pi * a * lam)
+    w = w / w.sum()  # exact normalisation (quadrature error ~1e-15 for these n_nodes)
+    return np.sqrt(lam), w
+
+
 def detection_threshold(aspect_ratio: float) -> float:
     """Teacher strength at which a mode separates from the bulk: ``s̄_c = A^{1/4}``."""
-    return float(_checks.aspect_ratio(aspect_ratio) ** 0.25)
+    return float(checks.aspect_ratio(aspect_ratio) ** 0.25)
 
 
 def spike_singular_value(s_bar: Any, aspect_ratio: float) -> np.ndarray:
@@ -98,8 +116,8 @@ def spike_singular_value(s_bar: Any, aspect_ratio: float) -> np.ndarray:
     ``ŝ = √((1 + s̄²)(A + s̄²)) / s̄`` for s̄ > A^{1/4}; otherwise the mode is lost and the top
     of the spectrum sits at the bulk edge 1 + √A (returned for those entries).
     """
-    a = _checks.aspect_ratio(aspect_ratio)
-    s = _checks.strengths(s_bar, "s_bar", allow_zero=True)
+    a = checks.aspect_ratio(aspect_ratio)
+    s = checks.strengths(s_bar, "s_bar", allow_zero=True)
     out = np.full_like(s, 1.0 + np.sqrt(a))
     above = s > a**0.25
     sa = s[above]
@@ -114,8 +132,8 @@ def spike_overlaps(s_bar: Any, aspect_ratio: float) -> tuple[np.ndarray, np.ndar
     ``|v̄·v̂|² = 1 − (A + s̄²)/(s̄²(1 + s̄²))`` (input side, dimension N_i), for s̄ > A^{1/4};
     both 0 at or below threshold.
     """
-    a = _checks.aspect_ratio(aspect_ratio)
-    s = _checks.strengths(s_bar, "s_bar", allow_zero=True)
+    a = checks.aspect_ratio(aspect_ratio)
+    s = checks.strengths(s_bar, "s_bar", allow_zero=True)
     ou = np.zeros_like(s)
     ov = np.zeros_like(s)
     above = s > a**0.25
@@ -143,8 +161,8 @@ def inverse_spike(s_hat: Any, aspect_ratio: float) -> np.ndarray:
 
     and 0 at or below the bulk edge ŝ <= 1 + √A (no detectable teacher mode).
     """
-    a = _checks.aspect_ratio(aspect_ratio)
-    y = _checks.strengths(s_hat, "s_hat", allow_zero=True)
+    a = checks.aspect_ratio(aspect_ratio)
+    y = checks.strengths(s_hat, "s_hat", allow_zero=True)
     out = np.zeros_like(y)
     above = y > 1.0 + np.sqrt(a)
     b = y[above] ** 2 - 1.0 - a
@@ -181,16 +199,3 @@ def _leggauss(n: int) -> tuple[np.ndarray, np.ndarray]:
     x.setflags(write=False)
     w.setflags(write=False)
     return x, w
-
-
-def _mp_nodes(a: float, n_nodes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Quadrature nodes σ and weights w with Σ w f(σ) ≈ ∫ p_MP(σ) f(σ) dσ (Σ w = 1 exactly)."""
-    x, wx = _leggauss(n_nodes)
-    theta = 0.5 * np.pi * (x + 1.0)
-    lo, hi = (1.0 - np.sqrt(a)) ** 2, (1.0 + np.sqrt(a)) ** 2
-    half = 0.5 * (hi - lo)
-    lam = lo + half * (1.0 - np.cos(theta))
-    # p(λ) dλ = half² sin²θ / (2π A λ) dθ
-    w = 0.5 * np.pi * wx * half**2 * np.sin(theta) ** 2 / (2.0 * np.pi * a * lam)
-    w = w / w.sum()  # exact normalisation (quadrature error ~1e-15 for these n_nodes)
-    return np.sqrt(lam), w

@@ -1,6 +1,6 @@
 """Exact learning dynamics of deep linear networks from decoupled initial conditions (Saxe et al. 2014).
 
-Setting and normalisation (spec §1). Whitened inputs (Σ_xx = I), input-output correlation
+Setting and normalisation. Whitened inputs (Σ_xx = I), input-output correlation
 Σ_yx = Σ_α s_α u_α v_αᵀ, a network W = W_N ⋯ W_1 of N weight matrices, trained by full-batch
 gradient descent on
 
@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 from scipy import integrate
 
-from qkdissect.dynamics import _checks
+from qkdissect.dynamics import checks
 
 __all__ = [
     "saxe_depth2",
@@ -31,6 +31,7 @@ __all__ = [
     "half_time",
     "time_to_fraction",
     "discrete_mode_strength",
+    "mode_strength_function",
 ]
 
 
@@ -50,10 +51,10 @@ def saxe_depth2(strengths: Any, a0: Any, t: Any, tau: float = 1000.0) -> np.ndar
     Returns:
         ``(T, M)`` array of a_α(t).
     """
-    s = _checks.strengths(strengths)
-    a = _checks.initial_strength(a0, s)
-    tt = _checks.times(t)
-    tau = _checks.positive(tau, "tau")
+    s = checks.strengths(strengths)
+    a = checks.initial_strength(a0, s)
+    tt = checks.times(t)
+    tau = checks.positive(tau, "tau")
     return _closed_form(s, a, tt, 2, tau)
 
 
@@ -82,11 +83,11 @@ def mode_strength(
     Returns:
         ``(T, M)`` array.
     """
-    s = _checks.strengths(strengths)
-    a = _checks.initial_strength(a0, s)
-    tt = _checks.times(t)
-    n = _checks.depth(depth)
-    tau = _checks.positive(tau, "tau")
+    s = checks.strengths(strengths)
+    a = checks.initial_strength(a0, s)
+    tt = checks.times(t)
+    n = checks.depth(depth)
+    tau = checks.positive(tau, "tau")
     return _mode_strength_unchecked(s, a, tt, n, tau, rtol=rtol)
 
 
@@ -118,11 +119,11 @@ def time_to_fraction(
     Returns:
         ``(M,)`` array (negative where a₀ > f·s).
     """
-    s = _checks.strengths(strengths)
-    a = _checks.initial_strength(a0, s)
-    f = _checks.fraction(fraction)
-    n = _checks.depth(depth)
-    tau = _checks.positive(tau, "tau")
+    s = checks.strengths(strengths)
+    a = checks.initial_strength(a0, s)
+    f = checks.fraction(fraction)
+    n = checks.depth(depth)
+    tau = checks.positive(tau, "tau")
     if n == 1:
         return tau * np.log((s - a) / ((1.0 - f) * s))
     if n == 2:
@@ -157,11 +158,11 @@ def discrete_mode_strength(
     Returns:
         ``(n_steps + 1, M)`` array, row k = strength after k steps.
     """
-    s = _checks.strengths(strengths)
-    a = _checks.initial_strength(a0, s)
-    n = _checks.depth(depth)
-    lr = _checks.positive(lr, "lr")
-    steps = _checks.count(n_steps, "n_steps", minimum=0)
+    s = checks.strengths(strengths)
+    a = checks.initial_strength(a0, s)
+    n = checks.depth(depth)
+    lr = checks.positive(lr, "lr")
+    steps = checks.count(n_steps, "n_steps", minimum=0)
     out = np.empty((steps + 1, s.size))
     b = a ** (1.0 / n)
     out[0] = a
@@ -169,6 +170,25 @@ def discrete_mode_strength(
         b = b + lr * b ** (n - 1) * (s - b**n)
         out[k + 1] = b**n
     return out
+
+
+def mode_strength_function(
+    s: np.ndarray, a0: np.ndarray, n: int, tau: float, t_end: float, *, rtol: float = 1e-10
+) -> Callable[[np.ndarray], np.ndarray]:
+    """``f(t) -> (T, M)`` strengths a(t) for any 0 <= t <= t_end, from one ODE solve (dense output).
+
+    Solves ``τ da/dt = N a^{2−2/N} (s − a)``, a(0) = a₀ *without parameter checks*: s >= 0 and a₀ > 0
+    arbitrary (a₀ > s gives a decaying mode), shapes ``(M,)``.
+
+    Closed forms for N <= 2; for N >= 3 the DOP853 solution's 7th-order interpolant, so repeated
+    evaluations (e.g. minimising an error curve over t) cost no further integration.
+    """
+    s = np.asarray(s, dtype=np.float64)
+    a0 = np.broadcast_to(np.asarray(a0, dtype=np.float64), s.shape).copy()
+    if n <= 2:
+        return lambda t: _closed_form(s, a0, np.atleast_1d(np.asarray(t, dtype=np.float64)), n, tau)
+    sol = _integrate(s, a0, n, tau, max(float(t_end), 1e-12), rtol=rtol)
+    return lambda t: np.exp(sol.sol(np.atleast_1d(np.asarray(t, dtype=np.float64))).T)
 
 
 # ----------------------------------------------------------------------------- internals
@@ -198,53 +218,30 @@ def _mode_strength_unchecked(
         return _closed_form(s, a0, t, n, tau)
     order = np.argsort(t)
     ts = t[order]
-    expo = 1.0 - 2.0 / n
-
-    def rhs(_t: float, u: np.ndarray) -> np.ndarray:
-        x = np.exp(u)
-        return n * x**expo * (s - x) / tau
-
     t_end = float(ts[-1]) if ts.size else 0.0
     if t_end == 0.0:
         return np.broadcast_to(a0, (t.size, s.size)).copy()
-    sol = integrate.solve_ivp(
-        rhs,
-        (0.0, t_end),
-        np.log(a0),
-        method="DOP853",
-        t_eval=ts,
-        rtol=rtol,
-        atol=1e-12,
-    )
-    if not sol.success:  # pragma: no cover - DOP853 on this smooth ODE does not fail in practice
-        raise RuntimeError(f"ODE integration failed: {sol.message}")
+    sol = _integrate(s, a0, n, tau, t_end, rtol=rtol, t_eval=ts)
     out = np.empty((t.size, s.size))
     out[order] = np.exp(sol.y.T)
     return out
 
 
-def _mode_strength_function(
-    s: np.ndarray, a0: np.ndarray, n: int, tau: float, t_end: float, *, rtol: float = 1e-10
-) -> Callable[[np.ndarray], np.ndarray]:
-    """``f(t) -> (T, M)`` strengths for any 0 <= t <= t_end, from one ODE solve (dense output).
+def _integrate(
+    s: np.ndarray, a0: np.ndarray, n: int, tau: float, t_end: float, *, rtol: float, t_eval: np.ndarray | None = None
+) -> Any:
+    """DOP853 solution of the mode ODE in the variable u = ln a, du/dt = N a^{1−2/N} (s − a)/τ, on [0, t_end].
 
-    Closed forms for N <= 2; for N >= 3 the DOP853 solution's 7th-order interpolant, so repeated
-    evaluations (e.g. minimising an error curve over t) cost no further integration.
+    Returns scipy's solution at ``t_eval``, or with a dense interpolant (``.sol``) when ``t_eval`` is None.
     """
-    s = np.asarray(s, dtype=np.float64)
-    a0 = np.broadcast_to(np.asarray(a0, dtype=np.float64), s.shape).copy()
-    if n <= 2:
-        return lambda t: _closed_form(s, a0, np.atleast_1d(np.asarray(t, dtype=np.float64)), n, tau)
     expo = 1.0 - 2.0 / n
 
     def rhs(_t: float, u: np.ndarray) -> np.ndarray:
         x = np.exp(u)
         return n * x**expo * (s - x) / tau
 
-    sol = integrate.solve_ivp(
-        rhs, (0.0, max(float(t_end), 1e-12)), np.log(a0), method="DOP853",
-        dense_output=True, rtol=rtol, atol=1e-12,
-    )
-    if not sol.success:  # pragma: no cover
+    sol = integrate.solve_ivp(rhs, (0.0, t_end), np.log(a0), method="DOP853", t_eval=t_eval,
+                              dense_output=t_eval is None, rtol=rtol, atol=1e-12)
+    if not sol.success:  # pragma: no cover - DOP853 on this smooth ODE does not fail in practice
         raise RuntimeError(f"ODE integration failed: {sol.message}")
-    return lambda t: np.exp(sol.sol(np.atleast_1d(np.asarray(t, dtype=np.float64))).T)
+    return sol

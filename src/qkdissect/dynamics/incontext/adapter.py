@@ -1,10 +1,10 @@
-"""qkdissect adapter for :class:`~qkdissect.dynamics.icl_model.ICLTransformer` (registered on import).
+"""qkdissect adapter for :class:`~qkdissect.dynamics.incontext.model.ICLTransformer` (registered on import).
 
 Layout: ``layers[l].W_q`` / ``W_k`` are already per head, (n_heads, d_head, d_model), no biases,
 no LayerNorm: x̃ is the layer's input (the residual stream), logit = scale · (W_q x̃_i)·(W_k x̃_j)
 with scale = 1/√d_head. Modality "text"-like: a token sequence, no patch grid, no prefix tokens.
 
-``forward(inputs)`` takes an :class:`~qkdissect.dynamics.icl_model.ICLBatch`; its ``mask`` property is
+``forward(inputs)`` takes an :class:`~qkdissect.dynamics.incontext.model.ICLBatch`; its ``mask`` property is
 the dense visibility. ``attention_probabilities`` returns the model's own weights A per layer,
 (B, n_heads, T, T): softmax probabilities for softmax attention; for *linear* attention they are
 the masked scaled scores divided by the context length (no softmax), so compare them with
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from qkdissect.adapters.base import AttentionLayer, ModelAdapter
 from qkdissect.adapters.registry import register_adapter
+from qkdissect.dynamics.incontext.model import ICLBatch, ICLTransformer
 from qkdissect.errors import QKDissectError
 
 __all__ = ["ICLTransformerAdapter"]
@@ -32,8 +33,6 @@ class ICLTransformerAdapter(ModelAdapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        from qkdissect.dynamics.icl_model import ICLTransformer
-
         return isinstance(model, ICLTransformer)
 
     def attention_modules(self) -> list[nn.Module]:
@@ -47,12 +46,10 @@ class ICLTransformerAdapter(ModelAdapter):
         ]
 
     def forward(self, inputs: Any) -> Any:
-        from qkdissect.dynamics.icl_model import ICLBatch
-
         if isinstance(inputs, ICLBatch):
             return self.model(inputs)
         raise QKDissectError(
-            f"an icl-transformer reads an ICLBatch (built by qkdissect.dynamics.icl_model.icl_batch), got "
+            f"an icl-transformer reads an ICLBatch (built by qkdissect.dynamics.incontext.model.icl_batch), got "
             f"{type(inputs).__name__}."
         )
 

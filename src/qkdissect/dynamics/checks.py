@@ -1,4 +1,4 @@
-"""Parameter checks shared by the dynamics modules (private).
+"""Parameter checks shared by the dynamics modules.
 
 Every check raises :class:`~qkdissect.errors.QKDissectError` with a message that says
 what was expected, what was given, and what to do.
@@ -12,7 +12,8 @@ import numpy as np
 
 from qkdissect.errors import QKDissectError
 
-__all__: list[str] = []
+__all__ = ["aspect_ratio", "count", "depth", "fraction", "initial_strength", "positive", "strengths", "times",
+           "unit_interval"]
 
 
 def _fmt(value: Any) -> str:
@@ -49,12 +50,17 @@ def strengths(value: Any, name: str = "strengths", *, allow_zero: bool = False) 
     return arr
 
 
+def _float(value: Any, name: str, expected: str) -> float:
+    """``float(value)``, or a QKDissectError "NAME: expected EXPECTED, got VALUE"."""
+    try:
+        return float(value)
+    except (TypeError, ValueError) as exc:
+        raise QKDissectError(f"{name}: expected {expected}, got {value!r}.") from exc
+
+
 def positive(value: Any, name: str) -> float:
     """Return ``value`` as a positive finite float."""
-    try:
-        x = float(value)
-    except (TypeError, ValueError) as exc:
-        raise QKDissectError(f"{name}: expected a positive number, got {value!r}.") from exc
+    x = _float(value, name, "a positive number")
     if not np.isfinite(x) or x <= 0:
         raise QKDissectError(f"{name}: expected a positive finite number, got {value!r}. Pass a value > 0.")
     return x
@@ -125,10 +131,7 @@ def fraction(value: Any, name: str = "fraction") -> float:
 
 def unit_interval(value: Any, name: str) -> float:
     """Check 0 <= x <= 1."""
-    try:
-        x = float(value)
-    except (TypeError, ValueError) as exc:
-        raise QKDissectError(f"{name}: expected a number in [0, 1], got {value!r}.") from exc
+    x = _float(value, name, "a number in [0, 1]")
     if not (0.0 <= x <= 1.0):
         raise QKDissectError(f"{name}: expected a number in [0, 1], got {value!r}.")
     return x
