@@ -1,16 +1,19 @@
 """The output folder of a mining run: what is in it, staging, and writing the result with its index last.
 
-Everything a run writes goes first into ``OUT/.qkdissect-tmp/`` (the staging folder) or, for the checkpoints,
-``OUT/checkpoint/``. When the top-k is final, the finished files are staged in this order — ``images.txt`` and
-``bad_images.log`` (from the checkpoints' listings), ``mined.safetensors`` (the final state; its metadata
-holds the index document, so the run can finish from it alone) — then the checkpoints are deleted, the atlas
-and the contact sheets are drawn into the staging folder (a sheet already there is complete: each is written
-under a temporary name and renamed), and :meth:`MiningFolder.finish` moves the files into place and writes
-``mined.json`` last. A run killed at any point is finished by ``--resume`` from what the staging folder holds;
-the result is the same bits as an uninterrupted run.
+The folder is a :class:`qkdissect.outputs.OutputFolder` of format ``qkdissect-mined`` with index ``mined.json``:
+everything a run writes goes first into its staging folder ``OUT/.qkdissect-tmp/``, except the checkpoints,
+which live in ``OUT/checkpoint/`` while the run is under way. When the top-k is final, the finished files are
+staged in this order — ``images.txt`` and ``bad_images.log`` (from the checkpoints' listings),
+``mined.safetensors`` (the final state; its metadata holds the index document, so the run can finish from it
+alone) — then the checkpoints are deleted, the atlas and the contact sheets are drawn into the staging folder (a
+sheet already there is complete: each is written under a temporary name and renamed), and
+:meth:`MiningFolder.finish` moves the files into place and writes ``mined.json`` last. A run killed at any point
+is finished by ``--resume`` from what is staged (files that a killed finish had already moved into place are
+moved back first); the result is the same bits as an uninterrupted run. An error (not a kill) leaves the staging
+folder as it is, so ``--resume`` continues after it too.
 
-A folder is refused when it is not empty and holds neither a ``mined.json`` of format ``qkdissect-mined`` nor
-a staging folder: only qkdissect's own files are ever overwritten or deleted.
+A folder is refused when it is not empty and holds neither a ``mined.json`` of format ``qkdissect-mined`` nor a
+run of it under way: only qkdissect's own files are ever overwritten or deleted.
 """
 
 from __future__ import annotations
@@ -25,14 +28,14 @@ import torch
 
 from qkdissect.errors import QKDissectError
 from qkdissect.files import atomic_write, read_json_document
-from qkdissect.mining.checkpoints import merged_listing
+from qkdissect.mining.checkpoints import NAME, merged_listing
 from qkdissect.mining.loader import UNIT_SHIFT
 from qkdissect.mining.result import FORMAT, FORMAT_VERSION
 from qkdissect.mining.state import RunningStats, TopK, state_tensors
+from qkdissect.outputs import OutputFolder, output_files
 
-__all__ = ["MAX_BAD_IN_INDEX", "STAGING", "MiningFolder", "save_atlas", "stage_results"]
+__all__ = ["MAX_BAD_IN_INDEX", "MiningFolder", "save_atlas", "stage_results"]
 
-STAGING = ".qkdissect-tmp"
 INDEX = "mined.json"
 TIMES = "run-times.json"  # staged, never moved: the times of the mining pass, merged into mined.json
 MAX_BAD_IN_INDEX = 1000
@@ -42,8 +45,9 @@ class MiningFolder:
     """``out`` of one mining run: :attr:`stage` (new files), :attr:`checkpoints`, and the finished files."""
 
     def __init__(self, out: str | os.PathLike):
-        self.out = Path(os.path.abspath(out))
-        self.stage = self.out / STAGING
+        self.folder = OutputFolder(out, FORMAT, INDEX, noun="mining run")
+        self.out = self.folder.out
+        self.stage = self.folder.staging
         self.checkpoints = self.out / "checkpoint"
 
     def index(self) -> dict[str, Any] | None:
@@ -55,33 +59,38 @@ class MiningFolder:
                                   remedy=f"delete {self.out} and mine again (it is not a finished run)",
                                   kind=FORMAT, max_version=FORMAT_VERSION)
 
-    def check(self, resume: bool) -> None:
-        """Refuse an ``out`` that is a file, that holds a run when ``resume`` is off, or that is not ours."""
-        out = self.out
-        if out.exists() and not out.is_dir():
-            raise QKDissectError(f"--out {out} is a file; give a folder for the mining run.")
-        from qkdissect.mining.checkpoints import NAME
+    def running(self) -> bool:
+        """A run is under way (or was killed): staged files or checkpoints."""
+        return self.stage.is_dir() or (self.checkpoints.is_dir() and any(NAME.match(p.name) for p in
+                                                                         self.checkpoints.iterdir()))
 
-        ours = (out / INDEX).exists() or self.stage.is_dir() or (
-            self.checkpoints.is_dir() and any(NAME.match(p.name) for p in self.checkpoints.iterdir()))
-        if ours and not resume:
-            raise QKDissectError(f"{out} already holds a mining run; pass --resume to continue it, or choose another "
-                                 "--out folder.")
-        if out.is_dir() and not ours and any(p.name != self.checkpoints.name for p in out.iterdir()):
-            raise QKDissectError(f"--out {out} is not empty and holds no qkdissect mining run (no {INDEX}), so "
-                                 "nothing in it is touched; give a new or empty folder.")
-        parent = out
-        while not parent.exists():
-            parent = parent.parent
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise QKDissectError(f"--out {out}: {parent} is not writable; choose a folder you can write to.")
+    def check(self, resume: bool) -> None:
+        """Refuse, before any work, an ``out`` that is a file, that holds a run when ``resume`` is off, or that is
+        not ours (:meth:`qkdissect.outputs.OutputFolder.check`)."""
+        if self.out.exists() and not self.out.is_dir():
+            raise QKDissectError(f"--out {self.out} is a file; give a folder for the mining run.")
+        if not resume and ((self.out / INDEX).exists() or self.running()):
+            raise QKDissectError(f"{self.out} already holds a mining run; pass --resume to continue it, or choose "
+                                 "another --out folder.")
+        if resume and (self.out / INDEX).exists():
+            self.index()
+            return
+        self.folder.check(replace=False)
+
+    def claim(self) -> None:
+        """Take the folder for this run (journal in the staging folder), keeping what an interrupted run staged;
+        files a killed :meth:`finish` had moved into place go back to the staging folder."""
+        self.folder.claim(replace=False, resume=True)
+        for relative in sorted(self.folder.owned):
+            target, staged = self.out / relative, self.stage / relative
+            if target.is_file() and not target.is_symlink() and not staged.exists():
+                staged.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(target, staged)
 
     def staged(self, relative: str) -> Path | None:
-        """Where a finished file of this run is (staged, or already moved into place), or None."""
-        for base in (self.stage, self.out):
-            if (base / relative).is_file():
-                return base / relative
-        return None
+        """Where a staged file of this run is, or None."""
+        path = self.stage / relative
+        return path if path.is_file() else None
 
     def staged_meta(self) -> dict[str, Any] | None:
         """The index document stored with a staged final state (None when the state is not staged yet)."""
@@ -111,24 +120,15 @@ class MiningFolder:
     def finish(self, document: dict[str, Any]) -> Path:
         """Move every staged file into place (checkpoints must be gone), write mined.json last, drop the stage."""
         if self.checkpoints.exists():
-            raise QKDissectError("internal: finish() while checkpoints are staged.")
-        moved = []
-        for path in sorted(self.stage.rglob("*")):
-            if path.is_file() and not path.name.endswith(".tmp") and path.name != TIMES:
-                relative = path.relative_to(self.stage)
-                target = self.out / relative
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(path, target)
-                moved.append(relative.as_posix())
-        files = sorted(set(moved) | set(document.get("files", [])))
-        atomic_write(self.out / INDEX, lambda p: p.write_text(json.dumps({**document, "files": files}, indent=1,
-                                                                         default=str)))
-        self.discard()
-        return self.out / INDEX
+            raise QKDissectError("internal: finish() while checkpoints remain.")
+        for path in list(self.stage.rglob("*")):  # a kill can leave half-written files: never move them
+            if path.is_file() and (path.name.endswith(".tmp") or path == self.stage / TIMES):
+                path.unlink()
+        return self.folder.finish(document)
 
     def discard(self) -> None:
-        """Remove the staging folder (only ever qkdissect's files)."""
-        if self.stage.is_dir() and not self.stage.is_symlink():
+        """Remove a leftover staging folder of a finished run (a kill after mined.json was written)."""
+        if self.stage.is_dir() and not self.stage.is_symlink() and output_files(self.out, INDEX) is not None:
             shutil.rmtree(self.stage)
 
 

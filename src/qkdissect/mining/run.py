@@ -99,6 +99,20 @@ def _compare(previous: dict[str, Any], current: dict[str, Any], where: Path) -> 
                              "Resume with the same model, images and settings, or use a new --out folder.")
 
 
+def _versions(base: dict[str, str]) -> dict[str, str]:
+    """The versions that shaped a mining result, the same in every process of an environment (not "what happens
+    to be imported"): qkdissect, python, torch, numpy and the installed model / data libraries."""
+    from importlib import metadata
+
+    versions = {name: base[name] for name in ("qkdissect", "python", "torch", "numpy") if name in base}
+    for name in ("timm", "transformers", "safetensors", "pillow", "webdataset", "pyarrow"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
 def _block(rank: int, world: int, n_units: int) -> range:
     return range(rank * n_units // world, (rank + 1) * n_units // world)
 
@@ -161,6 +175,10 @@ def mine(model: Any, images: str | os.PathLike, out: str | os.PathLike, *, top_k
                 folder.discard()  # a kill after mined.json was written leaves the stage behind
                 return load_mined(folder.out)
             return None
+        _barrier(world)
+        if rank == 0:
+            folder.claim()
+        _barrier(world)  # the folder is claimed before any rank reads what an earlier run left
         staged = folder.staged_meta() if resume else None
         if staged is not None:
             _compare(staged.get("fingerprint", {}), fingerprint, folder.staged("mined.safetensors"))
@@ -335,4 +353,4 @@ class _Run:
             "n_heads": atlas.n_heads, "rank": atlas.rank, "top_k": self.top_k, "signs": ["+", "-"], "score": SCORE,
             "map_modes": self.map_modes, "image_root": str(source.root.resolve()), "source": source.to_meta(),
             "routes": routes, "batch_size": self.batch_size, "world_size": self.world, "device": device,
-            "amp": self.fingerprint["amp"], "versions": library_versions()}
+            "amp": self.fingerprint["amp"], "versions": _versions(library_versions())}
