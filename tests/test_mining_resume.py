@@ -222,3 +222,29 @@ def test_a_folder_that_is_not_a_mining_run_is_refused(data, loaded, tmp_path):
     with pytest.raises(QKDissectError, match="not empty"):
         mine(loaded, data["spec"], out, resume=True, **settings())
     assert [p.name for p in out.iterdir()] == ["chapter.tex"]
+
+
+def test_sheets_drawn_later_equal_sheets_drawn_by_the_run(data, loaded, reference, tmp_path):
+    """mine(sheets=False) then `qkdissect sheets`: the same sheet files as a run that drew them, recorded in
+    mined.json (sheets and files), every other file unchanged; a partial set first (one head), then the rest."""
+    from typer.testing import CliRunner
+
+    from qkdissect.cli import app
+
+    out = tmp_path / "mined"
+    mine(loaded, data["spec"], out, sheets=[(1, 2)], **settings())
+    first = json.loads((out / "mined.json").read_text())
+    assert [(s["layer"], s["head"]) for s in first["sheets"]] == [(1, 2)] * 2
+    before = {name: blob for name, blob in files_of(out).items() if name != "mined.json"}
+    result = CliRunner().invoke(app, ["sheets", str(out), "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    after = files_of(out)
+    assert all(after[name] == blob for name, blob in before.items())
+    want = files_of(reference)
+    sheets = sorted(name for name in want if name.startswith("sheets/"))
+    assert sorted(name for name in after if name.startswith("sheets/")) == sheets
+    assert all(after[name] == want[name] for name in sheets)
+    document = json.loads(after["mined.json"])
+    assert document["sheets"] == json.loads(want["mined.json"])["sheets"]
+    assert set(sheets) <= set(document["files"]) and "mined.safetensors" in document["files"]
+    assert not (out / ".qkdissect-tmp").exists()

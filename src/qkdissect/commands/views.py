@@ -1,4 +1,4 @@
-"""``qkdissect maps``, ``qkdissect rank`` and ``qkdissect mine``: image-level views of the modes."""
+"""``qkdissect maps``, ``qkdissect rank``, ``qkdissect mine`` and ``qkdissect sheets``: image-level views of the modes."""
 
 from __future__ import annotations
 
@@ -158,6 +158,9 @@ def register(app: typer.Typer) -> None:
                                                      "sheets are drawn: e.g. 0-3, 'all' or 'none'. The others are "
                                                      "in mined.safetensors and can be drawn later "
                                                      "(qkdissect.mining.render_contact_sheet)."),
+        draw_sheets: bool = typer.Option(True, "--sheets/--no-sheets", help="Draw the contact sheets at the end "
+                                         "(--no-sheets: keep only the maps; `qkdissect sheets OUT` draws them later, "
+                                         "and the report draws its tiles from the maps either way)."),
         checkpoint_every: int = typer.Option(25, help="Write a checkpoint every N batches (atomic)."),
         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out (refused if the "
                                                             "model, image list or settings differ)."),
@@ -215,7 +218,7 @@ def register(app: typer.Typer) -> None:
                               layers=chosen_layers, sheet_modes=modes, checkpoint_every=checkpoint_every,
                               resume=resume, device=device, atlas=None if atlas is None else ModeAtlas.load(atlas),
                               image_column=image_column, amp=None if amp.strip().lower() == "none" else amp,
-                              progress=progress if is_main else None)
+                              sheets=draw_sheets, progress=progress if is_main else None)
         if result is None:
             return
         meta = result.meta
@@ -224,8 +227,8 @@ def register(app: typer.Typer) -> None:
         for column in ("files", "processed", "skipped", "seconds", "images/s", "processes", "route"):
             table.add_column(column, justify="right")
         table.add_row(str(meta["n_images"]), str(meta["n_processed"]), str(meta["n_bad"]),
-                      f"{meta.get('mining_seconds', 0):.1f}", f"{meta.get('images_per_second', 0):.1f}", str(meta["world_size"]),
-                      ",".join(sorted(set(meta["routes"]))))
+                      f"{meta.get('mining_seconds', 0):.1f}", f"{meta.get('images_per_second', 0):.1f}",
+                      str(meta["world_size"]), ",".join(sorted(set(meta["routes"]))))
         console.print(table)
         if result.bad:
             bad = Table(title=f"{len(result.bad)} skipped file(s) (all in {out / 'bad_images.log'})")
@@ -247,3 +250,19 @@ def register(app: typer.Typer) -> None:
         console.print(strongest)
         console.print(f"wrote {out / 'mined.json'}, {out / 'mined.safetensors'}, {len(meta['sheets'])} contact "
                       f"sheets under {out / 'sheets'}")
+
+    @app.command()
+    @guarded
+    def sheets(
+        mined: Path = typer.Argument(..., help="A finished `qkdissect mine` folder."),
+        workers: int = typer.Option(2, help="Processes drawing the sheets (0 or 1: this process)."),
+    ) -> None:
+        """Draw the contact sheets a mining run does not have yet (mined with --no-sheets, or interrupted while
+        adding them) and record them in its mined.json. Only the run's own files are touched; a run killed
+        here is finished by running the command again."""
+        from qkdissect.mining import add_sheets, load_mined
+
+        with progress_reporter({"sheets": "contact sheets"}) as progress:
+            add_sheets(mined, workers=workers, progress=progress)
+        result = load_mined(mined)
+        console.print(f"{len(result.meta['sheets'])} contact sheets under {mined / 'sheets'}")

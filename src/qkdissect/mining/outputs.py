@@ -34,7 +34,7 @@ from qkdissect.mining.result import FORMAT, FORMAT_VERSION
 from qkdissect.mining.state import RunningStats, TopK, state_tensors
 from qkdissect.outputs import OutputFolder, output_files
 
-__all__ = ["MAX_BAD_IN_INDEX", "MiningFolder", "save_atlas", "stage_results"]
+__all__ = ["MAX_BAD_IN_INDEX", "MiningFolder", "add_sheets", "save_atlas", "stage_results"]
 
 INDEX = "mined.json"
 TIMES = "run-times.json"  # staged, never moved: the times of the mining pass, merged into mined.json
@@ -198,3 +198,33 @@ def save_atlas(atlas, folder: Path) -> None:
     for path in folder.glob("*.safetensors"):
         data = canonical_safetensors(path.read_bytes())
         atomic_write(path, lambda p, data=data: p.write_bytes(data))
+
+
+def add_sheets(directory: str | os.PathLike, *, workers: int = 0, progress=None) -> Path:
+    """Draw the contact sheets a finished mining run does not have yet (mined with ``sheets=False``, or
+    interrupted while adding them) and record them in its mined.json; returns the index path.
+
+    The sheets are staged, then every file of the run is staged with them and :meth:`MiningFolder.finish` puts
+    them back in place with the new index written last; a kill at any point is finished by running this again.
+    """
+    from qkdissect.mining.result import load_mined
+    from qkdissect.mining.sheets import draw_sheets
+
+    folder = MiningFolder(directory)
+    if not (folder.out / INDEX).exists():
+        raise QKDissectError(f"{folder.out} holds no finished mining run (no {INDEX}); finish it with "
+                             "`qkdissect mine ... --resume` first.")
+    if folder.checkpoints.exists():
+        raise QKDissectError(f"{folder.out} has a mining run under way (checkpoint/); finish it with --resume first.")
+    result = load_mined(folder.out)
+    document = dict(result.meta)
+    folder.folder.claim(replace=True, resume=True)
+    entries = draw_sheets(result, folder.stage, progress=progress, workers=workers)
+    for relative in sorted(folder.folder.owned - {INDEX}):
+        target, staged = folder.out / relative, folder.stage / relative
+        if target.is_file() and not target.is_symlink() and not staged.exists():
+            staged.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(target, staged)
+    document["sheets"] = entries
+    return folder.finish({key: value for key, value in document.items() if key not in ("files", "format")} |
+                         {"format": FORMAT})

@@ -120,13 +120,15 @@ def _block(rank: int, world: int, n_units: int) -> range:
 def mine(model: Any, images: str | os.PathLike, out: str | os.PathLike, *, top_k: int = 9, batch_size: int = 32,
          workers: int = 0, layers: Sequence[int] | None = None, sheet_modes: Sequence[int] | None = (0, 1, 2, 3),
          checkpoint_every: int = 25, resume: bool = False, device: str = "cpu", atlas: Any = None,
-         route: str = "auto", sheets: bool = True, image_column: str | None = None, amp: str | None = None,
+         route: str = "auto", sheets: bool | Sequence[tuple[int, int]] = True, image_column: str | None = None,
+         amp: str | None = None,
          progress: Callable[[str, int, int], None] | None = None) -> MinedResult | None:
     """Mine the top-k images of every (layer, head, mode, sign) over ``images`` (a folder, a file list,
     WebDataset shards or Parquet files: :func:`qkdissect.mining.sources.open_source`).
 
     ``sheet_modes``: modes (of every head) whose raw maps are kept and whose contact sheets are drawn (None: all
-    modes). ``device``: cpu, cuda or cuda:N; ``amp``: None, "bf16" or "fp16" (the forward pass under autocast;
+    modes). ``sheets``: draw the contact sheets (True), none (False: :func:`qkdissect.mining.add_sheets` draws
+    them later), or only those of the given (layer, head) pairs. ``device``: cpu, cuda or cuda:N; ``amp``: None, "bf16" or "fp16" (the forward pass under autocast;
     projections and statistics stay float32/exact). ``progress(stage, done, total)`` is called after each batch
     with stage "mining" (images this process has read; total 0 while unknown), then per contact sheet with stage
     "sheets". Under torchrun (WORLD_SIZE > 1) each rank mines its block of units, rank 0 merges and writes; other
@@ -205,7 +207,9 @@ def mine(model: Any, images: str | os.PathLike, out: str | os.PathLike, *, top_k
         meta = folder.staged_meta()
         result = _staged_result(folder, meta)
         save_atlas(atlas, folder.stage / "atlas")
-        meta["sheets"] = draw_sheets(result, folder.stage, progress=progress, workers=workers) if sheets else []
+        heads = None if sheets is True else list(sheets or [])
+        meta["sheets"] = draw_sheets(result, folder.stage, progress=progress, workers=workers, heads=heads) \
+            if sheets is True or heads else []
         meta.update(folder.load_times())
         meta["total_seconds"] = round(time.perf_counter() - started, 3)  # of this (last) call
         folder.finish(meta)

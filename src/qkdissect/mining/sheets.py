@@ -217,15 +217,19 @@ def _draw_group(tasks: list[tuple[int, int, int, int]]) -> int:
     return len(tasks)
 
 
-def draw_sheets(result: MinedResult, folder: Path, *, progress=None, workers: int = 0,
-                tile_size: int = TILE) -> list[dict[str, Any]]:
-    """Contact sheets of every mined (layer, head, sheet mode, sign) into ``folder/sheets/``; a sheet already
-    there (or already in the mining folder) is kept: each is written whole under a temporary name. ``workers``
-    > 1: drawn by that many processes (fork; one head per task). Returns the index entries."""
+def draw_sheets(result: MinedResult, folder: Path, *, progress=None, workers: int = 0, tile_size: int = TILE,
+                heads: Iterable[tuple[int, int]] | None = None) -> list[dict[str, Any]]:
+    """Contact sheets of every mined (layer, head, sheet mode, sign) — or of the (layer, head) pairs in ``heads``
+    — into ``folder/sheets/``; a sheet already there (or already in the mining folder) is kept: each is written
+    whole under a temporary name. ``workers`` > 1: drawn by that many processes (fork; one head per task).
+    Returns the index entries of the sheets drawn or kept."""
     folder = Path(folder)
+    chosen = None if heads is None else {(int(layer), int(head)) for layer, head in heads}
     entries, groups = [], []
     for layer in result.layers:
         for head in range(result.meta["n_heads"]):
+            if chosen is not None and (layer, head) not in chosen:
+                continue
             group = []
             for mode in result.map_modes:
                 for s in (0, 1):

@@ -80,7 +80,9 @@ class MinedViews:
         meta = self.mined.meta
         return {"n_images": int(meta.get("n_processed", meta.get("n_images", 0))), "n_bad": int(meta.get("n_bad", 0)),
                 "root": str(meta.get("image_root", "?")), "top_k": self.mined.topk.k, "layers": list(self.mined.layers),
-                "map_modes": list(self.modes), "score": meta.get("score", "")}
+                "map_modes": list(self.modes), "score": meta.get("score", ""),
+                "sheets": len(meta.get("sheets", [])), "directory": str(self.mined.directory),
+                "all_sheets": len(self.mined.layers) * int(meta["n_heads"]) * len(self.mined.map_modes) * 2}
 
     # ----- tiles -------------------------------------------------------------------------------------------
     def _crop(self, index: int):
