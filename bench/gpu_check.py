@@ -8,8 +8,9 @@ the tolerance it checks and the numbers it measured; the exit status is 1 if any
 4. ``mine`` the N images on the device (--amp bf16): images/s end to end (decoding workers, maps, no sheets) —
    and the peak GPU memory.
 5. the first M images mined on the CPU (float32) and on the device (float32 with TF32 off, and bf16): scores to
-   1e-3 (float32) and 2e-2 (bf16: 8 mantissa bits through every layer of the residual stream) relative to the slot's top score; top-k image sets identical on every slot whose
-   k-th and (k+1)-th scores differ by more than twice that (the fraction of all slots identical is printed).
+   1e-3 (float32) and 2e-2 (bf16: 8 mantissa bits through every layer of the residual stream) relative to the
+   slot's top score; top-k image sets identical on every slot whose k-th and (k+1)-th scores differ by more than
+   twice that (the fraction of all slots identical is printed).
 """
 
 from __future__ import annotations
