@@ -46,7 +46,8 @@ def write_shards(folder: Path, count: int, shards: int = 4, seed: int = 0) -> st
             array = getattr(data, name)()
         except Exception:  # noqa: BLE001 — some data files may be missing
             continue
-        sources.append(Image.fromarray(array.astype(np.uint8) if array.dtype != bool else array * 255).convert("RGB"))
+        array = (array * 255).astype(np.uint8) if array.dtype == bool else array.astype(np.uint8)
+        sources.append(Image.fromarray(array).convert("RGB"))
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     per_shard = -(-count // shards)

@@ -205,7 +205,10 @@ def _die_with_parent() -> None:
 
 
 def _worker_start(result: MinedResult, folder: Path, tile: int) -> None:
+    import torch
+
     _die_with_parent()
+    torch.set_num_threads(1)  # a forked child never enters the parent's thread pool
     _WORKER.update(result=result, folder=folder, crops=_Crops(result, tile))
 
 
