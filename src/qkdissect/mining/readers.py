@@ -47,7 +47,7 @@ def read_unit(source: ImageSource, index: int, start: int = 0) -> Iterator[RawSa
     if source.kind in ("folder", "list"):
         first, end = unit.files
         for i in range(first + start, end):
-            yield RawSample(index, i - first, source.ids[i], source.paths[i], None)
+            yield RawSample(index, i - first, source.ids[i], source.path(i), None)
     elif source.kind == "webdataset":
         yield from _tar_unit(source, index, unit, start)
     else:

@@ -58,15 +58,19 @@ class Unit:
 @dataclass(frozen=True)
 class ImageSource:
     """A resolved ``--images``: kind, root (ids are relative to it), units in their fixed order, and for
-    folders and lists the files (``ids`` as written, ``paths`` resolved)."""
+    folders and lists the files (``ids`` as written; relative ones are relative to ``root``: :meth:`path`)."""
 
     kind: str
     spec: str
     root: Path
     units: tuple[Unit, ...]
     image_column: str | None = None
-    ids: tuple[str, ...] = ()
-    paths: tuple[Path, ...] = field(default=(), repr=False)
+    ids: tuple[str, ...] = field(default=(), repr=False)
+
+    def path(self, index: int) -> Path:
+        """The file of sample ``index`` of a folder or list (made on demand: no Path per file is held)."""
+        ident = self.ids[index]
+        return Path(ident) if os.path.isabs(ident) else self.root / ident
 
     @property
     def known_size(self) -> int | None:
@@ -81,7 +85,8 @@ class ImageSource:
         h = hashlib.blake2b(digest_size=16)
         h.update(f"{self.kind}\t{self.image_column}\n".encode())
         if self.kind in ("folder", "list"):
-            for ident, path in zip(self.ids, self.paths):
+            for index, ident in enumerate(self.ids):
+                path = self.path(index)
                 size = path.stat().st_size if path.is_file() else -1
                 h.update(f"{ident}\t{size}\n".encode())
         else:
@@ -120,12 +125,12 @@ def open_source(spec: str | os.PathLike, *, batch_size: int, image_column: str |
     if path.is_dir():
         from qkdissect.images import list_images
 
-        files = list_images(path)
+        files = [f.relative_to(path).as_posix() for f in list_images(path)]
         if files:
             if image_column is not None:
                 raise QKDissectError(f"--image-column is for WebDataset shards and Parquet files; {path} is a "
                                      "folder of image files.")
-            return _files("folder", text, path, [f.relative_to(path).as_posix() for f in files], files, batch_size)
+            return _files("folder", text, path, files, batch_size)
         parquet = sorted(p for p in path.rglob("*.parquet") if p.is_file())
         if parquet:
             return _parquet(text, path, parquet, image_column)
@@ -141,24 +146,24 @@ def open_source(spec: str | os.PathLike, *, batch_size: int, image_column: str |
     if name.endswith(".parquet"):
         return _parquet(text, path.parent, [path], image_column)
     if name.endswith(LIST_SUFFIXES):
-        ids, paths = _read_list(path)
+        ids = _read_list(path)
         if image_column is not None:
             raise QKDissectError("--image-column is for WebDataset shards and Parquet files, not a file list.")
-        return _files("list", text, path.parent, ids, paths, batch_size)
+        return _files("list", text, path.parent, ids, batch_size)
     raise QKDissectError(f"--images {text}: give an image folder, a file list (.txt, .lst, .csv, .tsv), WebDataset "
                          ".tar shards (a brace pattern such as shards/{{000000..000099}}.tar) or Parquet files.")
 
 
-def _files(kind: str, spec: str, root: Path, ids: Sequence[str], paths: Sequence[Path], batch_size: int) -> ImageSource:
+def _files(kind: str, spec: str, root: Path, ids: Sequence[str], batch_size: int) -> ImageSource:
     if not ids:
         raise QKDissectError(f"--images {spec}: no images listed.")
     units = tuple(Unit(name=f"{start}", files=(start, min(start + batch_size, len(ids))),
                        size=min(start + batch_size, len(ids)) - start) for start in range(0, len(ids), batch_size))
-    return ImageSource(kind=kind, spec=spec, root=root, units=units, ids=tuple(ids), paths=tuple(paths))
+    return ImageSource(kind=kind, spec=spec, root=root, units=units, ids=tuple(ids))
 
 
-def _read_list(path: Path) -> tuple[list[str], list[Path]]:
-    """(ids as written, resolved paths) of a .txt/.lst (one per line) or .csv/.tsv file list."""
+def _read_list(path: Path) -> list[str]:
+    """The paths as written in a .txt/.lst (one per line) or .csv/.tsv file list."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:
@@ -182,8 +187,7 @@ def _read_list(path: Path) -> tuple[list[str], list[Path]]:
         raise QKDissectError(f"the file list {path} lists no files.")
     if any(not e for e in entries):
         raise QKDissectError(f"the file list {path} has rows without a path; fill them or remove them.")
-    paths = [Path(e) if os.path.isabs(e) else path.parent / e for e in entries]
-    return entries, paths
+    return entries
 
 
 def _expand(spec: str) -> list[str]:
