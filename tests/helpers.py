@@ -60,3 +60,24 @@ def text_batch(batch: int = 2, tokens: int = 9, seed: int = 0) -> dict[str, torc
     mask = torch.ones(batch, tokens, dtype=torch.long)
     mask[-1, tokens - 3:] = 0  # padding in the last sequence
     return {"input_ids": torch.randint(0, 61, (batch, tokens), generator=generator), "attention_mask": mask}
+
+
+TIMM_ARGS = dict(img_size=[IMAGE_HW[0], IMAGE_HW[1]], patch_size=PATCH, embed_dim=D_MODEL, depth=N_LAYERS,
+                 num_heads=N_HEADS, qkv_bias=True, reg_tokens=2, mlp_ratio=1.5)
+
+
+def save_timm_folder(model: torch.nn.Module, folder, state: dict | None = None):
+    """Save a make_timm_vit() model as a timm folder (config.json + model.safetensors) that `load_model` reads;
+    ``state`` replaces the state dict written (to test broken checkpoints)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in (state if state is not None else model.state_dict()).items()}
+    save_file(state, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224", "num_classes": 5,
+                                                    "model_args": TIMM_ARGS}))
+    return folder

@@ -19,10 +19,11 @@ MAX_LINES = 550
 # Lower number = lower floor; a module may import modules on its own floor or below.
 FLOORS = {
     0: ("qkdissect._version", "qkdissect.errors", "qkdissect.progress", "qkdissect.files", "qkdissect.outputs",
-        "qkdissect.cache", "qkdissect.testpoints", "qkdissect.images", "qkdissect.factored", "qkdissect.plots",
+        "qkdissect.cache", "qkdissect.testpoints", "qkdissect.formats",
+        "qkdissect.images", "qkdissect.factored", "qkdissect.forms", "qkdissect.plots",
         "qkdissect.overlays"),
-    1: ("qkdissect.metrics", "qkdissect.adapters", "qkdissect.decomposition", "qkdissect.projection",
-        "qkdissect.synthetic", "qkdissect.builtin"),
+    1: ("qkdissect.metrics", "qkdissect.weights", "qkdissect.adapters", "qkdissect.atlas", "qkdissect.decomposition",
+        "qkdissect.positional", "qkdissect.projection", "qkdissect.synthetic", "qkdissect.builtin"),
     2: ("qkdissect.comparison", "qkdissect.mining", "qkdissect.preference", "qkdissect.views", "qkdissect.report",
         "qkdissect.dynamics", "qkdissect.model_survey"),
     3: ("qkdissect.commands", "qkdissect.cli", "qkdissect.__main__", "qkdissect.oddoneout", "qkdissect"),

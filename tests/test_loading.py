@@ -130,13 +130,21 @@ def test_unsupported_models_are_refused_with_reasons():
 
     with pytest.raises(QKDissectError, match="no qkdissect adapter.*Supported families"):
         get_adapter(torch.nn.Linear(3, 4))
-    with pytest.raises(QKDissectError, match="QK-norm"):
-        wrap_model(timm.create_model("vit_tiny_patch16_224", pretrained=False, qk_norm=True, depth=1,
-                                     embed_dim=24, num_heads=4))
+    # QK-norm and RoPE models were refused before issue 13; they are attention forms qkdissect now rebuilds
+    qk_norm = wrap_model(timm.create_model("vit_tiny_patch16_224", pretrained=False, qk_norm=True, depth=1,
+                                           embed_dim=24, num_heads=4))
+    assert qk_norm.family == "timm-vit" and qk_norm.adapter.attention_layers()[0].form.qk_norm.kind == "layer"
     from timm.models.eva import Eva
 
-    with pytest.raises(QKDissectError, match="rotary"):
-        wrap_model(Eva(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, use_rot_pos_emb=True))
+    rope = wrap_model(Eva(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, use_rot_pos_emb=True))
+    assert rope.family == "timm-eva" and rope.adapter.attention_layers()[0].form.rotary is not None
+    # what stays out is refused with its reason
+    with pytest.raises(QKDissectError, match="Parallel or fused"):
+        wrap_model(timm.create_model("vit_small_patch16_18x2_224", pretrained=False, depth=1, embed_dim=24,
+                                     num_heads=4))
+    with pytest.raises(QKDissectError, match="no qkdissect adapter"):
+        wrap_model(timm.create_model("swinv2_cr_tiny_224", pretrained=False, img_size=64, window_size=4,
+                                     embed_dim=24, depths=(1,), num_heads=(3,)))
     with pytest.raises(QKDissectError, match="expected a torch nn.Module"):
         dissect("not a model")
 

@@ -43,9 +43,9 @@ def _model_qk(loaded, layer, inputs):
         handle = module.qkv.register_forward_hook(lambda _m, _i, out: store.__setitem__("qkv", out))
         handles = [handle]
     else:
-        from qkdissect.adapters.hf import _find_qk
+        from qkdissect.adapters.hf import find_qk
 
-        _, q_linear, k_linear = _find_qk(module)
+        _, q_linear, k_linear = find_qk(module)
         handles = [q_linear.register_forward_hook(lambda _m, _i, out: store.__setitem__("q", out)),
                    k_linear.register_forward_hook(lambda _m, _i, out: store.__setitem__("k", out))]
     try:

@@ -18,7 +18,6 @@ relative depth, with a bootstrap confidence interval over heads.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,9 +26,10 @@ import numpy as np
 
 from qkdissect.decomposition import ModeAtlas
 from qkdissect.errors import QKDissectError
-from qkdissect.files import library_versions, read_json_document
+from qkdissect.files import library_versions, read_json_document, timestamp
+from qkdissect.formats import finite_or_none
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "ComparedModel", "Comparison", "DepthTrend", "compare", "depth_trend",
+__all__ = ["FORMAT", "FORMAT_VERSION", "ComparedModel", "Comparison", "DepthTrend", "compare", "depth_trend", "depth_trend_per_layer",
            "load_compare"]
 
 FORMAT, FORMAT_VERSION = "qkdissect-compare", 1
@@ -64,6 +64,33 @@ class DepthTrend:
     def to_json(self) -> dict[str, Any]:
         return {name: (None if isinstance(value, float) and not np.isfinite(value) else value)
                 for name, value in vars(self).items()}
+
+
+def depth_trend_per_layer(rows: Sequence[Sequence[float]], *, samples: int = 2000, level: float = 0.95,
+                          seed: int = 0) -> "DepthTrend":
+    """:func:`depth_trend` for layers with different numbers of heads (Swin's stages): ``rows[l]`` the weighted
+    cosines of layer l's own heads; each layer's mean, and the bootstrap resamples each layer's own heads."""
+    rows = [np.asarray(row, dtype=float) for row in rows]
+    if not rows or any(row.ndim != 1 or row.size == 0 or not np.isfinite(row).all() for row in rows):
+        raise QKDissectError("depth_trend needs finite weighted cosines of at least one head per layer; "
+                             "re-run `qkdissect dissect`.")
+    if samples < 1 or not 0 < level < 1:
+        raise QKDissectError(f"depth_trend needs samples ≥ 1 and 0 < level < 1, got {samples} and {level}.")
+    n_layers = len(rows)
+    depth = np.arange(n_layers) / max(n_layers - 1, 1)
+    means = np.array([row.mean() for row in rows])
+    early, late = (float(means[part].mean()) if part.any() else float("nan")
+                   for part in (depth <= 1 / 3, (depth >= 2 / 3) & (n_layers > 1)))
+    if n_layers < 2:
+        nan = float("nan")
+        return DepthTrend(nan, nan, nan, early, late, level, samples)
+    centred = depth - depth.mean()
+    weights = centred / (centred @ centred)
+    rng = np.random.default_rng(seed)
+    resampled = np.stack([row[rng.integers(0, len(row), size=(samples, len(row)))].mean(axis=1) for row in rows], 1)
+    slopes = resampled @ weights
+    low, high = np.quantile(slopes, [(1 - level) / 2, (1 + level) / 2])
+    return DepthTrend(float(means @ weights), float(low), float(high), early, late, level, samples)
 
 
 def depth_trend(weighted: Sequence[Sequence[float]] | np.ndarray, *, samples: int = 2000, level: float = 0.95,
@@ -113,6 +140,7 @@ class ComparedModel:
     weighted: tuple[tuple[float, ...], ...]
     layers: tuple[dict[str, Any], ...]
     atlas: str = ""
+    heads_per_layer: tuple[int, ...] | None = None  # layers of different widths (Swin): the heads each layer has
 
     @property
     def means(self) -> tuple[float, ...]:
@@ -133,13 +161,19 @@ class ComparedModel:
 
     def trend(self, *, samples: int = 2000, level: float = 0.95, seed: int = 0) -> DepthTrend:
         """This model's early-vs-late trend (:func:`depth_trend` of its per-head weighted cosines)."""
+        if self.heads_per_layer is not None:
+            return depth_trend_per_layer([row[:n] for row, n in zip(self.weighted, self.heads_per_layer)],
+                                         samples=samples, level=level, seed=seed)
         return depth_trend(self.weighted, samples=samples, level=level, seed=seed)
 
     def to_json(self) -> dict[str, Any]:
         return {"label": self.label, "model": self.model, "family": self.family, "atlas": self.atlas,
                 "n_layers": self.n_layers, "n_heads": self.n_heads, "d_model": self.d_model, "d_head": self.d_head,
-                "null_band": list(self.band), "weighted_cosines": [list(row) for row in self.weighted],
-                "layers": list(self.layers)}
+                "null_band": list(self.band),
+                "weighted_cosines": [[finite_or_none(v) for v in row] for row in self.weighted],
+                "layers": [{k: finite_or_none(v) if isinstance(v, float) else v for k, v in row.items()}
+                           for row in self.layers],
+                **({} if self.heads_per_layer is None else {"heads_per_layer": list(self.heads_per_layer)})}
 
     @classmethod
     def from_atlas(cls, atlas: ModeAtlas, label: str | None = None, source: str = "") -> "ComparedModel":
@@ -147,7 +181,8 @@ class ComparedModel:
                    family=str(atlas.meta.get("family", "?")), n_layers=atlas.n_layers, n_heads=atlas.n_heads,
                    d_model=atlas.d_model, d_head=atlas.rank, band=tuple(atlas.null.weighted_band),
                    weighted=tuple(tuple(row) for row in atlas.weighted_cosines.double().tolist()),
-                   layers=tuple(atlas.layer_summary()), atlas=source)
+                   layers=tuple(atlas.layer_summary()), atlas=source,
+                   heads_per_layer=tuple(atlas.heads_in(i) for i in range(atlas.n_layers)) if atlas.ragged else None)
 
 
 @dataclass(frozen=True)
@@ -168,12 +203,18 @@ class Comparison:
 
         out = Path(out)
 
+        from qkdissect.formats import validated
+        from qkdissect.formats.compare import CompareDocument
+
+        document = self.to_json()
+        validated(CompareDocument, document, out / "compare.json", "this comparison cannot be saved")
+
         def write(folder: Path) -> dict[str, Any]:
             if figure:
                 from qkdissect.plots import plot_compare
 
                 plot_compare(self.models, [m.label for m in self.models], folder / "compare.png")
-            return self.to_json()
+            return document
 
         write_output(out, FORMAT, "compare.json", write)
         return [out / "compare.png", out / "compare.json"] if figure else [out / "compare.json"]
@@ -192,37 +233,31 @@ def compare(atlases: Sequence[ModeAtlas | str | os.PathLike], labels: Sequence[s
     for index, item in enumerate(atlases):
         atlas, source = (item, "") if isinstance(item, ModeAtlas) else (ModeAtlas.load(item), str(item))
         models.append(ComparedModel.from_atlas(atlas, None if labels is None else labels[index], source))
-    return Comparison(models=tuple(models), meta={"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    return Comparison(models=tuple(models), meta={"created": timestamp(),
                                                   "versions": library_versions()})
 
 
 def load_compare(folder: str | os.PathLike) -> Comparison:
-    """Read a folder written by :meth:`Comparison.save` (``qkdissect compare``); QKDissectError for anything else."""
+    """Read a folder written by :meth:`Comparison.save` (``qkdissect compare``); one QKDissectError naming the file
+    and the field for anything else (schema: :mod:`qkdissect.formats.compare`)."""
+    from qkdissect.formats import read_document
+    from qkdissect.formats.compare import CompareDocument
+
     path = Path(folder) / "compare.json"
     remedy = "re-run `qkdissect compare`"
     document = read_json_document(path, missing=f"{folder} is not a `qkdissect compare` folder", remedy=remedy)
     if document.get("format") != FORMAT:
         raise QKDissectError(f"{path} is not a readable `qkdissect compare` result (format "
                              f"{document.get('format')!r}, expected {FORMAT!r}); {remedy}.")
-    if int(document.get("format_version", -1)) > FORMAT_VERSION:
-        raise QKDissectError(f"{path} has format version {document.get('format_version')}, newer than this "
-                             f"qkdissect reads ({FORMAT_VERSION}); upgrade qkdissect.")
-    try:
-        models = tuple(ComparedModel(
-            label=str(entry["label"]), model=str(entry["model"]), family=str(entry["family"]),
-            n_layers=int(entry["n_layers"]), n_heads=int(entry["n_heads"]), d_model=int(entry["d_model"]),
-            d_head=int(entry["d_head"]), band=(float(entry["null_band"][0]), float(entry["null_band"][1])),
-            weighted=tuple(tuple(float(v) for v in row) for row in entry["weighted_cosines"]),
-            layers=tuple(dict(row) for row in entry["layers"]), atlas=str(entry.get("atlas", "")))
-            for entry in document["models"])
-        for model in models:
-            if len(model.layers) != model.n_layers or len(model.weighted) != model.n_layers:
-                raise ValueError(f"{model.label}: {len(model.layers)} layer rows for n_layers {model.n_layers}")
-            model.means, model.stds  # noqa: B018  (every row must carry its statistics)
-    except (ValueError, KeyError, TypeError, IndexError) as error:
-        raise QKDissectError(f"{path} is not a readable `qkdissect compare` result ({type(error).__name__}: "
-                             f"{error}); {remedy}.") from None
-    if not models:
-        raise QKDissectError(f"{path} lists no models; {remedy}.")
+    document, checked = read_document(path, CompareDocument, missing=f"{folder} is not a `qkdissect compare` folder",
+                                      remedy=remedy, max_version=FORMAT_VERSION)
+    nan = float("nan")
+    models = tuple(ComparedModel(
+        label=entry.label, model=entry.model, family=entry.family, n_layers=entry.n_layers, n_heads=entry.n_heads,
+        d_model=entry.d_model, d_head=entry.d_head, band=tuple(entry.null_band),
+        weighted=tuple(tuple(nan if v is None else v for v in row) for row in entry.weighted_cosines),
+        layers=tuple({k: nan if v is None else v for k, v in row.model_dump().items()} for row in entry.layers),
+        atlas=entry.atlas, heads_per_layer=None if getattr(entry, "heads_per_layer", None) is None
+        else tuple(int(n) for n in entry.heads_per_layer)) for entry in checked.models)
     meta = {k: v for k, v in document.items() if k not in ("format", "format_version", "models", "files")}
     return Comparison(models=models, meta=meta)

@@ -1,4 +1,4 @@
-"""Factored, batched SVD of every head's query-key matrix, and the ``ModeAtlas`` that holds it.
+"""Factored, batched SVD of every head's query-key matrix: :func:`dissect` builds a ``ModeAtlas``.
 
 For head h: M_h = W_q,hᵀ W_k,h (d_model × d_model, rank ≤ d_head) = U diag(S) Vᵀ, with U and V
 (d_model × r) holding the left and right singular vectors *as columns* (V, never Vᵀ). M holds
@@ -10,32 +10,45 @@ no 1/√d_head; the model's scale is recorded separately, so
 M is never formed: W_qᵀ = Q_q R_q, W_kᵀ = Q_k R_k (QR), R_q R_kᵀ = A diag(S) Bᵀ (an r × r SVD),
 U = Q_q A, V = Q_k B. Sign rule: each mode (u_k, v_k) ≡ (−u_k, −v_k) is flipped so that the
 entry of u_k with the largest magnitude is positive.
+
+Other attention forms (``qkdissect.forms``): a QK-norm's centring and gain are folded into the
+projections (W' = diag(γ) P W), so the modes are those of the normalised core M_N = W'_qᵀ W'_k;
+rotary layers get M(0) = W_qᵀW_k as content modes plus the offset average M̄, the distance curve
+and the content/position split (``qkdissect.positional``); relative-bias layers get the bias
+share. Non-plain layers keep head-space factors so that their exact logits can be rebuilt.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
-from dataclasses import dataclass
-from functools import cached_property
-from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor
 
 from qkdissect.adapters.base import AttentionLayer
 from qkdissect.adapters.loading import LoadedModel, wrap_model
+from qkdissect.atlas import (
+    ATLAS_FORMAT,
+    FORMAT_VERSION,
+    HeadModes,
+    LayerModes,
+    ModeAtlas,
+    PositionalStats,
+    near_degenerate,
+)
 from qkdissect.errors import QKDissectError
 from qkdissect.factored import factored_svd
-from qkdissect.files import atomic_write, library_versions, read_json_document
-from qkdissect.metrics import NullReference, gaussian_null, mode_cosines, symmetric_fraction, weighted_cosine
+from qkdissect.files import library_versions, timestamp
+from qkdissect.forms.logits import fold_qk_norm
+from qkdissect.forms.rotary import expected_norm2, to_complex
+from qkdissect.metrics import gaussian_null
+from qkdissect.positional import TableMoments, bias_statistics, rotary_statistics
 
-__all__ = ["FORMAT_VERSION", "HeadModes", "LayerModes", "ModeAtlas", "dissect", "factored_svd", "fold_layer_norm"]
+__all__ = ["ATLAS_FORMAT", "FORMAT_VERSION", "HeadModes", "LayerModes", "ModeAtlas", "dissect", "factored_svd", "fold_layer_norm",
+           "near_degenerate"]
 
-FORMAT_VERSION = 1
-ATLAS_FORMAT = "qkdissect-atlas"
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -58,231 +71,8 @@ def fold_layer_norm(layer: AttentionLayer) -> AttentionLayer:
 
     W_q, b_q = fold(layer.W_q, layer.b_q)
     W_k, b_k = fold(layer.W_k, layer.b_k)
-    return AttentionLayer(W_q=W_q, W_k=W_k, b_q=b_q, b_k=b_k, scale=layer.scale, kv_head_of=layer.kv_head_of)
-
-
-def near_degenerate(S: Tensor, tol: float) -> Tensor:
-    """Mask (..., r−1): True where (σ_k − σ_{k+1}) / σ_1 < tol — u_k, v_k are then ill-defined."""
-    gaps = (S[..., :-1] - S[..., 1:]) / S[..., :1].clamp_min(torch.finfo(S.dtype).tiny)
-    return gaps < tol
-
-
-@dataclass(frozen=True)
-class LayerModes:
-    """Modes of all heads of one layer. U, V: (heads, d_model, r); S: (heads, r);
-    key_bias: (heads, d_model); ln_weight/ln_bias: (d_model,) of the LN feeding attention
-    (kept so that a folded atlas can map captured x̃ back to the normalised n = (x̃ − β)/γ)."""
-
-    U: Tensor
-    S: Tensor
-    V: Tensor
-    key_bias: Tensor
-    ln_weight: Tensor | None = None
-    ln_bias: Tensor | None = None
-
-
-@dataclass(frozen=True)
-class HeadModes:
-    """One head: M = U diag(S) Vᵀ, U/V (d_model, r), S (r,), key_bias (d_model,)."""
-
-    layer: int
-    head: int
-    U: Tensor
-    S: Tensor
-    V: Tensor
-    key_bias: Tensor
-    cosines: Tensor
-    weighted_cosine: float
-    symmetric_fraction: float
-    near_degenerate: tuple[int, ...]
-    above_null: bool
-    below_null: bool
-
-    @property
-    def M(self) -> Tensor:
-        """The dense d_model × d_model matrix (for checks; never needed for analysis)."""
-        return (self.U * self.S) @ self.V.T
-
-
-@dataclass(frozen=True)
-class ModeAtlas:
-    """Query-key modes of every head of a model, with statistics and provenance.
-
-    ``meta`` is JSON-ready (model spec, family, shapes, scale, preprocessing, versions, ...).
-    """
-
-    meta: dict[str, Any]
-    layers: tuple[LayerModes, ...]
-    null: NullReference
-    gap_tol: float = 1e-3
-
-    # ----- shapes --------------------------------------------------------------------------
-    @property
-    def n_layers(self) -> int:
-        return len(self.layers)
-
-    @property
-    def n_heads(self) -> int:
-        return self.layers[0].S.shape[0]
-
-    @property
-    def d_model(self) -> int:
-        return self.layers[0].U.shape[1]
-
-    @property
-    def rank(self) -> int:
-        return self.layers[0].S.shape[1]
-
-    @property
-    def scale(self) -> float:
-        return float(self.meta["scale"])
-
-    # ----- statistics (derived, cached) ---------------------------------------------------------
-    @cached_property
-    def cosines(self) -> Tensor:
-        """Per-mode cosines u_k·v_k, (layers, heads, r)."""
-        return torch.stack([mode_cosines(layer.U, layer.V) for layer in self.layers])
-
-    @cached_property
-    def singular_values(self) -> Tensor:
-        """(layers, heads, r)."""
-        return torch.stack([layer.S for layer in self.layers])
-
-    @cached_property
-    def weighted_cosines(self) -> Tensor:
-        """C_h = Σσcos/Σσ = tr(M)/‖M‖_*, (layers, heads)."""
-        return weighted_cosine(self.singular_values, self.cosines)
-
-    @cached_property
-    def symmetric_fractions(self) -> Tensor:
-        """‖M_s‖_F²/‖M‖_F², (layers, heads)."""
-        return torch.stack([symmetric_fraction(layer.U, layer.S, layer.V) for layer in self.layers])
-
-    @cached_property
-    def degenerate(self) -> Tensor:
-        """(layers, heads, r−1) mask of near-degenerate consecutive singular values."""
-        return near_degenerate(self.singular_values, self.gap_tol)
-
-    def head(self, layer: int, head: int) -> HeadModes:
-        """The modes and statistics of one head."""
-        if not (0 <= layer < self.n_layers and 0 <= head < self.n_heads):
-            raise QKDissectError(
-                f"no head ({layer}, {head}): this atlas has layers 0..{self.n_layers - 1} and heads 0..{self.n_heads - 1}."
-            )
-        modes = self.layers[layer]
-        weighted = float(self.weighted_cosines[layer, head])
-        return HeadModes(
-            layer=layer, head=head, U=modes.U[head], S=modes.S[head], V=modes.V[head],
-            key_bias=modes.key_bias[head], cosines=self.cosines[layer, head], weighted_cosine=weighted,
-            symmetric_fraction=float(self.symmetric_fractions[layer, head]),
-            near_degenerate=tuple(int(k) for k in torch.nonzero(self.degenerate[layer, head]).flatten()),
-            above_null=weighted > self.null.weighted_band[1], below_null=weighted < self.null.weighted_band[0],
-        )
-
-    def layer_summary(self) -> list[dict[str, Any]]:
-        """Per layer: mean / std / min / max weighted cosine, shares of heads above/below the null,
-        share of modes above the cosine null, mean symmetric fraction."""
-        lo, hi = self.null.weighted_band
-        c_lo, c_hi = self.null.cosine_band
-        rows = []
-        for index in range(self.n_layers):
-            w = self.weighted_cosines[index].double()
-            cos = self.cosines[index].double()
-            rows.append({
-                "layer": index,
-                "mean_weighted_cosine": float(w.mean()),
-                "std_weighted_cosine": float(w.std()) if w.numel() > 1 else 0.0,
-                "min_weighted_cosine": float(w.min()),
-                "max_weighted_cosine": float(w.max()),
-                "share_heads_above_null": float((w > hi).double().mean()),
-                "share_heads_below_null": float((w < lo).double().mean()),
-                "share_modes_above_null": float((cos > c_hi).double().mean()),
-                "share_modes_below_null": float((cos < c_lo).double().mean()),
-                "mean_symmetric_fraction": float(self.symmetric_fractions[index].double().mean()),
-            })
-        return rows
-
-    # ----- files ---------------------------------------------------------------------------------
-    def to_json(self) -> dict[str, Any]:
-        """The atlas.json document: metadata, null, one object per head, one per layer."""
-        lo, hi = self.null.weighted_band
-        heads = []
-        for layer in range(self.n_layers):
-            for head in range(self.n_heads):
-                w = float(self.weighted_cosines[layer, head])
-                heads.append({
-                    "layer": layer, "head": head, "weighted_cosine": w,
-                    "cosines": [round(float(c), 6) for c in self.cosines[layer, head]],
-                    "singular_values": [float(f"{float(s):.6g}") for s in self.singular_values[layer, head]],
-                    "symmetric_fraction": float(self.symmetric_fractions[layer, head]),
-                    "null_threshold": hi, "null_band": [lo, hi],
-                    "above_null": w > hi, "below_null": w < lo,
-                    "near_degenerate_modes": [int(k) for k in torch.nonzero(self.degenerate[layer, head]).flatten()],
-                })
-        return {
-            **self.meta,
-            "format": "qkdissect-atlas",
-            "format_version": FORMAT_VERSION,
-            "null": self.null.to_dict(),
-            "degeneracy_tolerance": self.gap_tol,
-            "heads": heads,
-            "layers": self.layer_summary(),
-        }
-
-    def save(self, directory: str | os.PathLike, *, extra: Callable[[Path], Any] | None = None) -> Path:
-        """Write ``atlas.safetensors`` and ``atlas.json`` into ``directory`` (created; a previous atlas there is
-        replaced, any other non-empty folder refused: see :mod:`qkdissect.outputs`). ``extra(folder)`` may write
-        more files (figures) into the same output before the index is written."""
-        from qkdissect.outputs import OutputFolder
-
-        with OutputFolder(directory, ATLAS_FORMAT, "atlas.json").claim(replace=True) as folder:
-            self.write_tensors(folder.staging / "atlas.safetensors")
-            if extra is not None:
-                extra(folder.staging)
-            folder.finish(self.to_json())
-        return Path(directory)
-
-    def write_tensors(self, path: str | os.PathLike) -> Path:
-        """Write the tensors of the atlas (``layers.{i}.{U,S,V,key_bias,ln_weight,ln_bias}``) to ``path``."""
-        from safetensors.torch import save_file
-
-        tensors: dict[str, Tensor] = {}
-        for index, layer in enumerate(self.layers):
-            for name in ("U", "S", "V", "key_bias", "ln_weight", "ln_bias"):
-                value = getattr(layer, name)
-                if value is not None:
-                    tensors[f"layers.{index}.{name}"] = value.detach().cpu().contiguous()
-        return atomic_write(path, lambda p: save_file(tensors, str(p), metadata={
-            "format": ATLAS_FORMAT, "format_version": str(FORMAT_VERSION)}))
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike) -> "ModeAtlas":
-        """Read an atlas written by :meth:`save`; QKDissectError for a missing or corrupt one."""
-        directory = Path(directory)
-        json_path, tensor_path = directory / "atlas.json", directory / "atlas.safetensors"
-        remedy = "create one with `qkdissect dissect MODEL --out DIR`"
-        if not tensor_path.is_file():
-            raise QKDissectError(f"{tensor_path} not found: {directory} is not an atlas folder. {remedy[0].upper()}{remedy[1:]}.")
-        document = read_json_document(json_path, missing=f"{directory} is not an atlas folder", remedy=remedy,
-                                      kind="qkdissect-atlas", max_version=FORMAT_VERSION)
-        try:
-            from safetensors.torch import load_file
-
-            tensors = load_file(str(tensor_path))
-        except Exception as error:  # noqa: BLE001
-            raise QKDissectError(f"{tensor_path} is corrupt ({type(error).__name__}); re-run `qkdissect dissect`.") from None
-        layers = []
-        for index in range(int(document["n_layers"])):
-            try:
-                layers.append(LayerModes(*(tensors[f"layers.{index}.{n}"] for n in ("U", "S", "V", "key_bias")),
-                                         tensors.get(f"layers.{index}.ln_weight"),
-                                         tensors.get(f"layers.{index}.ln_bias")))
-            except KeyError as error:
-                raise QKDissectError(f"{tensor_path} lacks {error.args[0]}; the atlas is incomplete.") from None
-        meta = {k: v for k, v in document.items()
-                if k not in ("heads", "layers", "null", "format", "format_version", "degeneracy_tolerance", "files")}
-        return cls(meta=meta, layers=tuple(layers), null=NullReference.from_dict(document["null"]),
-                   gap_tol=float(document.get("degeneracy_tolerance", 1e-3)))
+    return AttentionLayer(W_q=W_q, W_k=W_k, b_q=b_q, b_k=b_k, scale=layer.scale, kv_head_of=layer.kv_head_of,
+                          form=layer.form)
 
 
 def _stacked(layers: list[AttentionLayer]) -> Iterable[tuple[list[int], Tensor, Tensor]]:
@@ -321,42 +111,102 @@ def dissect(
     raw = [layer.expanded() for layer in loaded.adapter.attention_layers()]
     cast = [_to(layer, dtype, device) for layer in raw]  # fold in the working precision
     folded = [fold_layer_norm(layer) if fold_ln else layer for layer in cast]
-    modes: list[LayerModes | None] = [None] * len(folded)
-    for indices, W_q, W_k in _stacked(folded):
+    normed = [_fold_norm(layer) for layer in folded]
+    modes: list[LayerModes] = [None] * len(normed)  # type: ignore[list-item]
+    for indices, W_q, W_k in _stacked(normed):
         U, S, V = factored_svd(W_q, W_k)
         for position, index in enumerate(indices):
-            layer = folded[index]
-            key_bias = (torch.einsum("hd,hdm->hm", layer.b_q, layer.W_k) if layer.b_q is not None
-                        else torch.zeros(layer.n_heads, layer.d_model, dtype=dtype, device=U.device))
-            ln_w, ln_b = raw[index].ln_weight, raw[index].ln_bias
-            modes[index] = LayerModes(U[position].cpu(), S[position].cpu(), V[position].cpu(), key_bias.cpu(),
-                                      None if ln_w is None else ln_w.to(dtype).cpu(),
-                                      None if ln_b is None else ln_b.to(dtype).cpu())
+            modes[index] = _layer_modes(normed[index], raw[index], U[position], S[position], V[position], dtype)
+    modes = _with_positional(modes, dtype)
     description = loaded.adapter.describe()
     has_ln = any(layer.ln_weight is not None or layer.ln_bias is not None for layer in raw)
     preprocessing = loaded.preprocessing
-    scales = sorted({layer.scale for layer in raw})
-    if len(scales) != 1:
-        raise QKDissectError(f"layers of this model use different attention scales {scales}; not supported.")
+    scales = [float(layer.scale) for layer in raw]
+    forms = sorted({"plain" if layer.form is None else layer.form.kind for layer in raw})
     meta = {
         "model": loaded.spec,
         "checkpoint": loaded.checkpoint,
         **description,
         "scale": scales[0],
         "scale_is_inverse_sqrt_d_head": math.isclose(scales[0], description["d_head"] ** -0.5, rel_tol=1e-6),
+        "attention_forms": forms,
         "ln_folded": bool(fold_ln and has_ln),
         "x_tilde": ("normalised attention input n, x̃ = γ⊙n + β" if fold_ln and has_ln
                     else "attention input x̃ (LN output incl. affine; block input for post-LN)"),
         "preprocessing": None if preprocessing is None else preprocessing.to_dict(),
         "dtype": str(dtype).removeprefix("torch."),
         "versions": library_versions(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "created": timestamp(),
         "decomposition_seconds": round(time.perf_counter() - started, 4),
         "info": loaded.info,
     }
-    null = gaussian_null(description["d_model"], description["d_head"], n_samples=null_samples,
-                         percentile=null_percentile, seed=seed)
-    return ModeAtlas(meta=meta, layers=tuple(modes), null=null, gap_tol=gap_tol)
+    if len(set(scales)) > 1:
+        meta["layer_scales"] = scales
+    shapes = [(layer.d_model, layer.d_head) for layer in raw]
+    nulls = {shape: gaussian_null(shape[0], shape[1], n_samples=null_samples, percentile=null_percentile, seed=seed)
+             for shape in dict.fromkeys(shapes)}
+    layer_nulls = tuple(nulls[shape] for shape in shapes) if len(nulls) > 1 else None
+    return ModeAtlas(meta=meta, layers=tuple(modes), null=nulls[shapes[0]], gap_tol=gap_tol, layer_nulls=layer_nulls)
+
+
+def _fold_norm(layer: AttentionLayer) -> AttentionLayer:
+    """Fold a QK-norm's centring and gain into the projections (W' = diag(γ) P W, b' = diag(γ) P b)."""
+    norm = None if layer.form is None else layer.form.qk_norm
+    if norm is None:
+        return layer
+    W_q, b_q = fold_qk_norm(layer.W_q, layer.b_q, norm, "q")
+    W_k, b_k = fold_qk_norm(layer.W_k, layer.b_k, norm, "k")
+    return AttentionLayer(W_q=W_q, W_k=W_k, b_q=b_q, b_k=b_k, scale=layer.scale, ln_weight=layer.ln_weight,
+                          ln_bias=layer.ln_bias, kv_head_of=layer.kv_head_of, form=layer.form)
+
+
+def _layer_modes(layer: AttentionLayer, raw: AttentionLayer, U: Tensor, S: Tensor, V: Tensor,
+                 dtype: torch.dtype) -> LayerModes:
+    key_bias = (torch.einsum("hd,hdm->hm", layer.b_q, layer.W_k) if layer.b_q is not None
+                else torch.zeros(layer.n_heads, layer.d_model, dtype=dtype, device=U.device))
+    ln_w, ln_b = raw.ln_weight, raw.ln_bias
+    G_q = G_k = b_q = b_k = None
+    if layer.form is not None and layer.form.needs_head_space:
+        G_q = torch.einsum("hmr,hem->hre", U, layer.W_q).cpu()  # W_qᵀ = U G_q
+        G_k = torch.einsum("hmr,hem->hre", V, layer.W_k).cpu()
+        zeros = torch.zeros(layer.n_heads, layer.d_head, dtype=dtype)
+        b_q = zeros if layer.b_q is None else layer.b_q.cpu()
+        b_k = zeros if layer.b_k is None else layer.b_k.cpu()
+    return LayerModes(U.cpu(), S.cpu(), V.cpu(), key_bias.cpu(),
+                      None if ln_w is None else ln_w.to(dtype).cpu(),
+                      None if ln_b is None else ln_b.to(dtype).cpu(),
+                      form=layer.form, G_q=G_q, G_k=G_k, head_b_q=b_q, head_b_k=b_k, scale=float(layer.scale))
+
+
+def _with_positional(modes: list[LayerModes], dtype: torch.dtype) -> list[LayerModes]:
+    """Add rotary and relative-bias statistics; rotary tables shared by layers are processed once."""
+    cache: list[tuple[Any, TableMoments]] = []
+    out = []
+    for layer in modes:
+        form = layer.form
+        if form is None or (form.rotary is None and form.bias is None):
+            out.append(layer)
+            continue
+        stats = PositionalStats()
+        norm2 = None
+        if form.rotary is not None:
+            table, d_head = form.rotary, layer.G_q.shape[-1]
+            found = next((m for t, m in cache if t[0] == d_head and torch.equal(t[1], table.cos)
+                          and torch.equal(t[2], table.sin) and t[3] == table.pairs), None)
+            if found is None:
+                found = TableMoments.of(table, d_head)
+                cache.append(((d_head, table.cos, table.sin, table.pairs), found))
+            stats = rotary_statistics(layer, found)
+            g_q = to_complex(layer.G_q.double(), table.layout, table.rotary_dim)
+            g_k = to_complex(layer.G_k.double(), table.layout, table.rotary_dim)
+            norm2 = expected_norm2(g_q, g_k, found.moment_ww, found.moment_wcw)
+        if form.bias is not None:
+            variance, share = bias_statistics(layer, float(layer.scale), norm2)
+            stats = PositionalStats(**{**stats.__dict__, "bias_variance": variance, "bias_share": share})
+        stats = PositionalStats(**{k: None if v is None else (v.to(dtype) if v.is_floating_point() else v)
+                                   for k, v in stats.__dict__.items()})
+        out.append(LayerModes(**{**layer.__dict__, "positional": stats}))
+    return out
 
 
 def _to(layer: AttentionLayer, dtype: torch.dtype, device: Any) -> AttentionLayer:
@@ -365,4 +215,4 @@ def _to(layer: AttentionLayer, dtype: torch.dtype, device: Any) -> AttentionLaye
 
     return AttentionLayer(W_q=cast(layer.W_q), W_k=cast(layer.W_k), b_q=cast(layer.b_q), b_k=cast(layer.b_k),
                           scale=layer.scale, ln_weight=cast(layer.ln_weight), ln_bias=cast(layer.ln_bias),
-                          kv_head_of=layer.kv_head_of)
+                          kv_head_of=layer.kv_head_of, form=layer.form)

@@ -8,7 +8,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 __all__ = ["atomic_write", "canonical_safetensors", "library_versions", "read_json_document", "safetensors_bytes",
-           "write_json"]
+           "timestamp", "write_json"]
+
+
+def timestamp(pattern: str = "%Y-%m-%dT%H:%M:%S%z") -> str:
+    """The current time formatted with ``pattern``; with ``SOURCE_DATE_EPOCH`` set (reproducible builds), that time
+    in UTC instead, so that two runs write identical files."""
+    import time
+
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch and epoch.strip().isdigit():
+        return time.strftime(pattern, time.gmtime(int(epoch)))
+    return time.strftime(pattern)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
@@ -76,19 +87,26 @@ def read_json_document(path: str | os.PathLike, *, missing: str, remedy: str, ki
 
 
 def library_versions(required: tuple[str, ...] = ()) -> dict[str, str]:
-    """Versions of the libraries that shaped a result: qkdissect, python, torch, numpy, the ``required``
-    libraries (imported if need be), and timm / transformers / safetensors / scipy / matplotlib when loaded."""
+    """Versions of the libraries that shape a result: qkdissect, python, torch, numpy, the ``required`` libraries
+    (imported if need be), and the installed timm / transformers / safetensors / scipy / matplotlib / pillow.
+
+    The optional ones are looked up as installed distributions, not as "imported so far", so that the same command
+    in the same environment records the same versions however it was started (a rerun writes identical files).
+    """
     import importlib
     import platform
-    import sys
+    from importlib import metadata
 
     from qkdissect._version import __version__
 
     versions = {"qkdissect": __version__, "python": platform.python_version()}
     for name in ("torch", "numpy", *required):
         versions[name] = getattr(importlib.import_module(name), "__version__", "unknown")
-    for name in ("timm", "transformers", "safetensors", "scipy", "matplotlib"):
-        module = sys.modules.get(name)
-        if module is not None and name not in versions:
-            versions[name] = getattr(module, "__version__", "unknown")
+    for name, distribution in (("timm", "timm"), ("transformers", "transformers"), ("safetensors", "safetensors"),
+                               ("scipy", "scipy"), ("matplotlib", "matplotlib"), ("pillow", "pillow")):
+        if name not in versions:
+            try:
+                versions[name] = metadata.version(distribution)
+            except metadata.PackageNotFoundError:
+                pass
     return versions

@@ -27,12 +27,40 @@ from qkdissect.errors import QKDissectError
 from qkdissect.factored import factored_svd
 
 __all__ = [
+    "UNDEFINED_RTOL",
     "NullReference",
+    "defined_modes",
+    "defined_weighted_cosine",
     "gaussian_null",
+    "layer_statistics",
     "mode_cosines",
     "symmetric_fraction",
+    "undefined_tolerance",
     "weighted_cosine",
 ]
+
+UNDEFINED_RTOL = 1e-6
+
+
+def undefined_tolerance(dtype: torch.dtype, d_model: int) -> float:
+    """ε of the rule "mode k is undefined when σ_k ≤ ε·σ_1": ε = max(1e-6, d_model · machine ε of ``dtype``)
+    (NumPy's matrix-rank rule, at least 1e-6): float64 and d_model 768 give 1e-6, float32 9.2e-5."""
+    return max(UNDEFINED_RTOL, d_model * torch.finfo(dtype).eps)
+
+
+def defined_modes(S: Tensor, tol: float) -> Tensor:
+    """(..., r) bool: σ_k > tol·σ_1. Below that u_k, v_k are arbitrary (any basis of the null space), so the
+    mode has no cosine, no map and no place in statistics. σ_1 = 0 (a head of rank 0): no mode is defined."""
+    return S > tol * S[..., :1]
+
+
+def defined_weighted_cosine(S: Tensor, cosines: Tensor, defined: Tensor) -> Tensor:
+    """C = Σ_k σ_k cos_k / Σ_k σ_k over the defined modes only: (..., r) -> (...); NaN where none is defined."""
+    weights = torch.where(defined, S, torch.zeros((), dtype=S.dtype))
+    total = weights.sum(dim=-1)
+    numerator = (weights * torch.where(defined, cosines, torch.zeros((), dtype=cosines.dtype))).sum(dim=-1)
+    return torch.where(total > 0, numerator / total.clamp_min(torch.finfo(S.dtype).tiny),
+                       torch.full_like(total, float("nan")))
 
 
 def mode_cosines(U: Tensor, V: Tensor) -> Tensor:
@@ -228,3 +256,38 @@ def _null_bands(d_model: int, d_head: int, n_samples: int, percentile: float, se
     qs = torch.tensor([tail, 1.0 - tail], dtype=torch.float64)
     return {"cosine_band": torch.quantile(cosines, qs).tolist(), "weighted_band": torch.quantile(weighted, qs).tolist(),
             "weighted_mean": float(weighted.mean()), "weighted_std": float(weighted.std())}
+
+
+def layer_statistics(weighted: Tensor, cosines: Tensor, symmetric: Tensor, null: NullReference) -> dict[str, Any]:
+    """Statistics of one layer: ``weighted`` C_h (heads,), ``cosines`` (heads, r), ``symmetric`` (heads,), NaN marking
+    heads of rank 0 and undefined modes, which are left out (of numerators and denominators alike).
+
+    mean / std (unbiased) / min / max of C_h, shares of heads above / below the null band of C_h, shares of modes
+    above / below the per-mode null band, mean symmetric fraction; NaN where nothing is defined.
+    """
+    lo, hi = null.weighted_band
+    c_lo, c_hi = null.cosine_band
+    w = weighted.double()
+    w = w[~torch.isnan(w)]
+    cos = cosines.double()
+    cos = cos[~torch.isnan(cos)]
+    sym = symmetric.double()
+    sym = sym[~torch.isnan(sym)]
+    nan = float("nan")
+
+    def share(mask: Tensor) -> float:
+        return float(mask.double().mean()) if mask.numel() else nan
+
+    return {
+        "mean_weighted_cosine": float(w.mean()) if w.numel() else nan,
+        "std_weighted_cosine": (float(w.std()) if w.numel() > 1 else 0.0) if w.numel() else nan,
+        "min_weighted_cosine": float(w.min()) if w.numel() else nan,
+        "max_weighted_cosine": float(w.max()) if w.numel() else nan,
+        "share_heads_above_null": share(w > hi),
+        "share_heads_below_null": share(w < lo),
+        "share_modes_above_null": share(cos > c_hi),
+        "share_modes_below_null": share(cos < c_lo),
+        "mean_symmetric_fraction": float(sym.mean()) if sym.numel() else nan,
+        "n_rank0_heads": int(weighted.numel() - w.numel()),
+        "n_undefined_modes": int(cosines.numel() - cos.numel()),
+    }

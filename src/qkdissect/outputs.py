@@ -37,8 +37,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 from qkdissect.errors import QKDissectError
+from qkdissect.progress import kill_point
 
-__all__ = ["JOURNAL", "STAGING", "OutputFolder", "check_out", "output_files", "write_output"]
+__all__ = ["JOURNAL", "STAGING", "OutputFolder", "check_out", "check_writable", "output_files", "write_output"]
 
 STAGING = ".qkdissect-tmp"
 JOURNAL = "owned.json"
@@ -90,7 +91,7 @@ class OutputFolder:
         self.noun = noun or format.removeprefix("qkdissect-")
         self.owned: set[str] = set()
         self.finished = False
-        self._claimed = False
+        self._claimed = self._created = False
 
     # ----- paths --------------------------------------------------------------------------------------------
     @property
@@ -108,16 +109,9 @@ class OutputFolder:
 
         ``replace``: a finished output of this format in ``out`` may be replaced (else refused, naming ``flag``).
         """
-        out = self.out
-        if out.exists() and not out.is_dir():
-            raise QKDissectError(f"--out {out} is a file; give a folder for the {self.noun}.")
-        if out.is_dir():
+        check_writable(self.out, self.noun)
+        if self.out.is_dir():
             self.owned = set(self._owned_files(replace, flag))
-        parent = out
-        while not parent.exists():
-            parent = parent.parent
-        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-            raise QKDissectError(f"--out {out}: {parent} is not writable; choose a folder you can write to.")
         return self
 
     def _owned_files(self, replace: bool, flag: str | None) -> list[str]:
@@ -165,6 +159,7 @@ class OutputFolder:
     def claim(self, *, replace: bool = True, resume: bool = False, flag: str | None = None) -> "OutputFolder":
         """:meth:`check`, then create ``out`` and an empty staging folder (``resume``: keep what it holds)."""
         self.check(replace=replace, flag=flag)
+        self._created = not self.out.exists()
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             if self.staging.is_dir() and not resume:
@@ -213,12 +208,14 @@ class OutputFolder:
         try:
             self._write_journal(self.owned | set(new))
             (out / self.index).unlink(missing_ok=True)
-            for relative in new:
+            for moved, relative in enumerate(new, start=1):
                 target = out / relative
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(self.staging / relative, target)
+                kill_point(f"move:{self.format}", moved)
             for relative in sorted(self.owned - set(new) - {self.index}):
                 _remove_file(out, relative)
+            kill_point(f"index:{self.format}", 0)
             tmp = self.staging / (self.index.replace("/", "_") + ".tmp")
             tmp.write_text(json.dumps({**document, "format": self.format, "files": new}, indent=1, default=str))
             os.replace(tmp, out / self.index)
@@ -241,6 +238,8 @@ class OutputFolder:
                     shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         else:
             shutil.rmtree(self.staging, ignore_errors=True)
+            if self._created and self.out.is_dir() and not any(self.out.iterdir()):
+                self.out.rmdir()  # this run made the folder and leaves nothing in it
 
     def __enter__(self) -> "OutputFolder":
         return self
@@ -248,6 +247,30 @@ class OutputFolder:
     def __exit__(self, kind, error, traceback) -> None:
         if not self.finished:
             self.discard()
+
+
+def check_writable(out: str | os.PathLike, noun: str = "output") -> None:
+    """QKDissectError when ``out`` is a file, or neither it nor its nearest existing parent folder is writable."""
+    out = Path(os.path.abspath(out))
+    if out.exists() and not out.is_dir():
+        raise QKDissectError(f"--out {out} is a file; give a folder for the {noun}.")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise QKDissectError(f"--out {out}: {parent} is a file; give a folder for the {noun}.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise QKDissectError(f"--out {out}: {parent} is not writable; choose a folder you can write to.")
+    if not out.exists():
+        probe = out
+        while probe.parent != parent:
+            probe = probe.parent
+        try:  # os.access cannot see read-only mounts (or anything, for root): try it
+            probe.mkdir()
+            probe.rmdir()
+        except OSError as error:
+            raise QKDissectError(f"--out {out} cannot be created ({error.strerror or error}); choose a folder you "
+                                 "can write to.") from None
 
 
 def _remove_file(out: Path, relative: str) -> None:

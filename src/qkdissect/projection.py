@@ -26,6 +26,10 @@ from torch import Tensor
 
 from qkdissect.adapters.loading import LoadedModel, wrap_model
 from qkdissect.errors import QKDissectError
+from qkdissect.forms.logits import additive_terms, norm_factors, normalise
+from qkdissect.forms.logits import valid_pairs as form_valid_pairs
+from qkdissect.forms.rotary import rotations, to_complex
+from qkdissect.positional import exact_layer_logits, head_vectors
 
 __all__ = [
     "LogitVarianceShares",
@@ -38,7 +42,11 @@ __all__ = [
     "logits_from_modes",
     "mode_contributions",
     "project",
+    "qk_norm_factors",
+    "residual_logits",
     "split_tokens",
+    "valid_pairs",
+    "windows_to_grid",
 ]
 
 
@@ -103,23 +111,48 @@ def atlas_input(atlas, layer: int, x: Tensor) -> Tensor:
 def project(atlas, layer: int, x: Tensor) -> tuple[Tensor, Tensor]:
     """Query and key maps of every mode of every head of ``layer``.
 
-    x: captured x̃ (B, N, d_model) -> (q, k), each (B, heads, N, r): q = x̃·u_k, k = x̃·v_k.
+    x: captured x̃ (B, N, d_model) -> (q, k), each (B, heads, N, r): q = x̃·u_k, k = x̃·v_k. For a layer
+    with a QK-norm the maps are what the head uses, q = x̃·u_k / ρ_q and k = x̃·v_k / ρ_k (the
+    per-token norm factors of :func:`qk_norm_factors`); rotary layers keep the content maps (the
+    rotation acts on pairs of tokens, see :func:`mode_contributions`).
     """
     modes = atlas.layers[layer]
     x = atlas_input(atlas, layer, x)
     U, V = modes.U.to(x.device), modes.V.to(x.device)
-    return torch.einsum("bnd,hdr->bhnr", x, U), torch.einsum("bnd,hdr->bhnr", x, V)
+    q, k = torch.einsum("bnd,hdr->bhnr", x, U), torch.einsum("bnd,hdr->bhnr", x, V)
+    norm = None if modes.form is None else modes.form.qk_norm
+    if norm is not None:
+        a, c = head_vectors(modes, x)
+        q = q / norm_factors(a, norm, "q")[..., None]
+        k = k / norm_factors(c, norm, "k")[..., None]
+    return q, k
 
 
 def logits_from_modes(atlas, layer: int, x: Tensor) -> Tensor:
-    """scale·(x̃_pᵀ U diag(S) Vᵀ x̃_p' + key_bias·x̃_p'), (B, heads, N, N) — the model's logits up
-    to per-query constants."""
+    """The model's logits of every head of ``layer`` rebuilt from the atlas, (B, heads, N, N).
+
+    Plain layers: scale·(x̃_pᵀ U diag(S) Vᵀ x̃_p' + key_bias·x̃_p'), the model's logits up to per-query
+    constants. Layers with another attention form add what the atlas records — relative position
+    bias, window shift masks (−100 as the model adds them), causal masks (−inf) — and layers with
+    rotary embeddings or QK-norm are rebuilt exactly in head space from the mode projections:
+    q = G_qᵀ(Uᵀx̃) + b_q, divided by the per-token norm factor ρ and shifted by β, rotated by the
+    token's recorded angles (see ``qkdissect.forms``). For window layers x holds windows
+    (B·n_windows, T_w, d_model), as captured.
+    """
     modes = atlas.layers[layer]
-    q, k = project(atlas, layer, x)
-    S = modes.S.to(q.device)
+    z = atlas_input(atlas, layer, x)
+    form = modes.form
+    if form is not None and form.needs_head_space:
+        return exact_layer_logits(modes, z, atlas.layer_scale(layer))[0]
+    U, V, S = modes.U.to(z.device), modes.V.to(z.device), modes.S.to(z.device)
+    q, k = torch.einsum("bnd,hdr->bhnr", z, U), torch.einsum("bnd,hdr->bhnr", z, V)
     bilinear = torch.einsum("bhpr,hr,bhqr->bhpq", q, S, k)
-    salience = torch.einsum("bqd,hd->bhq", atlas_input(atlas, layer, x), modes.key_bias.to(q.device))
-    return atlas.scale * (bilinear + salience[:, :, None, :])
+    salience = torch.einsum("bqd,hd->bhq", z, modes.key_bias.to(z.device))
+    scale = atlas.layer_scale(layer) if form is None or form.head_scale is None else \
+        form.head_scale.to(z)[None, :, None, None]
+    logits = scale * (bilinear + salience[:, :, None, :])
+    extra = additive_terms(form, z.shape[0], z.shape[1], logits.dtype, logits.device)
+    return logits if extra is None else logits + extra
 
 
 def attention_from_modes(atlas, layer: int, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
@@ -128,6 +161,16 @@ def attention_from_modes(atlas, layer: int, x: Tensor, key_mask: Tensor | None =
     if key_mask is not None:
         logits = logits.masked_fill(~key_mask.bool()[:, None, None, :].to(logits.device), float("-inf"))
     return logits.softmax(dim=-1)
+
+
+def qk_norm_factors(atlas, layer: int, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token QK-norm factors (ρ_q, ρ_k), each (B, heads, N): the std (LayerNorm), rms (RMSNorm)
+    or norm (cosine attention) of each token's raw q and k that the layer divides by."""
+    modes = atlas.layers[layer]
+    if modes.form is None or modes.form.qk_norm is None:
+        raise QKDissectError(f"layer {layer} has no QK-norm: its logits have no per-token factors.")
+    _, rho_q, rho_k = exact_layer_logits(modes, atlas_input(atlas, layer, x), atlas.layer_scale(layer))
+    return rho_q, rho_k
 
 
 def split_tokens(values: Tensor, n_prefix: int, grid: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
@@ -151,26 +194,88 @@ def split_tokens(values: Tensor, n_prefix: int, grid: tuple[int, int] | None = N
 
 
 def mode_contributions(atlas, layer: int, x: Tensor, head: int, modes: Iterable[int] | None = None) -> Tensor:
-    """Contribution of each mode of one head to its logits, (B, m, N, N):
+    """Contribution of each mode of one head to its logits, (B, m, N, N).
 
-        C[b, k, p, p'] = scale · σ_k · q[b, p, k] · k[b, p', k]
-
-    Σ over all modes of C plus :func:`key_bias_logits` equals :func:`logits_from_modes` for the head.
+    Plain bilinear layers: C[b, k, p, p'] = s · σ_k · q[b, p, k] · k[b, p', k] (s the scale). Layers
+    with rotation or QK-norm, whose query is q̃_p = R_p((Σ_k q_pk g_k + b_q)/ρ_p + β) in head space
+    (g_k = row k of G_q): C[b, k, p, p'] = s · (q_pk / ρ_p) · (R_p g_k)·k̃_p' — mode k's part of the
+    query against the whole key. Σ over all modes plus :func:`residual_logits` equals the head's
+    logits (:func:`logits_from_modes`, before masks).
     """
-    modes_ = atlas.layers[layer]
     selected = _mode_index(atlas, modes)
-    x = atlas_input(atlas, layer, x)
-    U = modes_.U[head][:, selected].to(x.device)
-    V = modes_.V[head][:, selected].to(x.device)
-    S = modes_.S[head][selected].to(x.device)
-    q, k = x @ U, x @ V  # (B, N, m)
-    return atlas.scale * torch.einsum("bpm,m,bqm->bmpq", q, S, k)
+    return _contributions(atlas, layer, atlas_input(atlas, layer, x), head, selected)
+
+
+def _head_scale(atlas, layer: int, head: int) -> float:
+    form = atlas.layers[layer].form
+    if form is not None and form.head_scale is not None:
+        return float(form.head_scale[head])
+    return atlas.layer_scale(layer)
+
+
+def _contributions(atlas, layer: int, z: Tensor, head: int, selected: list[int]) -> Tensor:
+    modes_ = atlas.layers[layer]
+    form, scale = modes_.form, _head_scale(atlas, layer, head)
+    U = modes_.U[head][:, selected].to(z)
+    if form is None or not form.needs_head_space:
+        V, S = modes_.V[head][:, selected].to(z), modes_.S[head][selected].to(z)
+        return scale * torch.einsum("bpm,m,bqm->bmpq", z @ U, S, z @ V)
+    m = z @ U  # (B, N, m)
+    a = z @ modes_.U[head].to(z) @ modes_.G_q[head].to(z) + modes_.head_b_q[head].to(z)
+    c = z @ modes_.V[head].to(z) @ modes_.G_k[head].to(z) + modes_.head_b_k[head].to(z)
+    _, rho_q = normalise(a, form.qk_norm, "q")
+    k, _ = normalise(c, form.qk_norm, "k")
+    coefficient = m if rho_q is None else m / rho_q[..., None]
+    layout, width = ("interleaved", 0) if form.rotary is None else (form.rotary.layout, form.rotary.rotary_dim)
+    g = to_complex(modes_.G_q[head][selected].to(z), layout, width)  # (m, P)
+    kc = to_complex(k, layout, width)  # (B, N, P)
+    if form.rotary is None:
+        inner = torch.einsum("mf,bqf->bmq", g.conj(), kc).real[:, :, None, :]  # (B, m, 1, N)
+    else:
+        zr = rotations(form.rotary, z.shape[1], k.shape[-1], dtype=torch.float64 if z.dtype == torch.float64
+                       else torch.float32).to(z.device)
+        zr = zr[head if zr.shape[0] > 1 else 0]  # (N, P)
+        inner = torch.einsum("mf,pf,bqf->bmpq", g.conj(), zr.conj(), kc * zr).real  # (R_p g_k)·k̃_q
+    return scale * coefficient.transpose(1, 2)[..., None] * inner
+
+
+def residual_logits(atlas, layer: int, x: Tensor, head: int) -> Tensor:
+    """The part of one head's logits that no mode carries, (B, N, N): the key-bias term (plain
+    layers; the same for every query), query/key offsets of rotated and normalised heads, and the
+    relative position bias. Masks are not included (see :func:`valid_pairs`)."""
+    return _residual(atlas, layer, atlas_input(atlas, layer, x), head)
+
+
+def _residual(atlas, layer: int, z: Tensor, head: int) -> Tensor:
+    modes_ = atlas.layers[layer]
+    form = modes_.form
+    if form is not None and form.needs_head_space:
+        head_logits_ = exact_layer_logits(modes_, z, atlas.layer_scale(layer), masks=False)[0][:, head]
+        return head_logits_ - _contributions(atlas, layer, z, head, list(range(atlas.rank))).sum(dim=1)
+    salience = _head_scale(atlas, layer, head) * (z @ modes_.key_bias[head].to(z))
+    out = salience[:, None, :].expand(-1, z.shape[1], -1)
+    if form is not None and form.bias is not None:
+        out = out + form.bias.dense()[head].to(z)
+    return out
+
+
+def valid_pairs(atlas, layer: int, x: Tensor) -> Tensor | None:
+    """(B or 1, N, N) bool: the (query, key) pairs the layer lets attend (causal, sliding window,
+    Swin's shift mask), None when all do. Padding is separate (``key_mask`` / ``token_mask``)."""
+    return form_valid_pairs(atlas.layers[layer].form, x.shape[0], x.shape[1], x.device)
 
 
 def key_bias_logits(atlas, layer: int, x: Tensor, head: int) -> Tensor:
-    """The key-salience part of one head's logits, scale · key_bias·x̃_p' (B, N): the same for every query."""
+    """The key-salience part of one head's logits, scale · key_bias·x̃_p' (B, N): the same for every query.
+
+    Only for layers without rotation or QK-norm; their remainder depends on the query too — use
+    :func:`residual_logits`."""
+    form = atlas.layers[layer].form
+    if form is not None and form.needs_head_space:
+        raise QKDissectError(f"layer {layer} ({form.kind}): the non-mode part of its logits depends on the query "
+                             "as well; use qkdissect.projection.residual_logits.")
     z = atlas_input(atlas, layer, x)
-    return atlas.scale * (z @ atlas.layers[layer].key_bias[head].to(z.device))
+    return _head_scale(atlas, layer, head) * (z @ atlas.layers[layer].key_bias[head].to(z.device))
 
 
 def _mode_index(atlas, modes: Iterable[int] | None) -> list[int]:
@@ -194,11 +299,18 @@ class LogitVarianceShares:
     Σ_k mode_shares + bias_share = 1. A share is negative when the mode works against the rest.
     ``logit_variance[b, h]`` is the mean over queries of the variance of the logits over keys.
     Shapes: mode_shares (B, heads, r); bias_share, logit_variance (B, heads); float64.
+
+    Layers with another attention form (rotation, QK-norm, relative bias, causal or window masks)
+    use their exact logits and contributions (:func:`mode_contributions`): B̄ is then the whole
+    residual (:func:`residual_logits`), valid pairs also respect the layer's masks, and
+    ``relative_bias_share`` (B, heads) = ⟨B̄_rel, L̄⟩ / ⟨L̄, L̄⟩ is the relative position bias' part
+    of ``bias_share`` (None for layers without one).
     """
 
     mode_shares: Tensor
     bias_share: Tensor
     logit_variance: Tensor
+    relative_bias_share: Tensor | None = None
 
 
 def logit_variance_shares(atlas, layer: int, x: Tensor, token_mask: Tensor | None = None) -> LogitVarianceShares:
@@ -214,6 +326,8 @@ def logit_variance_shares(atlas, layer: int, x: Tensor, token_mask: Tensor | Non
     z = atlas_input(atlas, layer, x).double()
     if token_mask is None:
         token_mask = torch.ones(z.shape[:2], dtype=torch.bool, device=z.device)
+    if modes.form is not None:
+        return _exact_shares(atlas, layer, z, token_mask.to(z.device).bool())
     w = token_mask.to(z.device).double()  # (B, N)
     n_valid = w.sum(dim=1)  # (B,)
     if bool((n_valid < 2).any()):
@@ -240,3 +354,65 @@ def logit_variance_shares(atlas, layer: int, x: Tensor, token_mask: Tensor | Non
     variance = atlas.scale ** 2 * total / (n_valid[:, None] ** 2)
     return LogitVarianceShares(mode_shares=torch.where(total[..., None] > 0, per_mode / safe[..., None], 0.0),
                                bias_share=torch.where(total > 0, bias / safe, 0.0), logit_variance=variance)
+
+
+def _exact_shares(atlas, layer: int, z: Tensor, token_mask: Tensor) -> LogitVarianceShares:
+    """Dense O(r·N²) per head and input: the exact contributions of a layer with an attention form. Window
+    layers (rows = B · n_windows windows) sum the inner products over the windows of each image."""
+    B, N = z.shape[:2]
+    H, r = atlas.heads_in(layer), atlas.rank
+    form = atlas.layers[layer].form
+    group = 1 if form.windows is None else form.windows.n_windows
+    if B % group:
+        raise QKDissectError(f"layer {layer} attends in {group} windows per image; the input has {B} rows.")
+    pairs = token_mask[:, :, None] & token_mask[:, None, :]
+    allowed = form_valid_pairs(form, B, N, z.device)
+    if allowed is not None:
+        pairs = pairs & allowed
+    images = B // group
+    # raw sums per image and head: ⟨C̄_k, L̄⟩ (r), ⟨B̄, L̄⟩, ⟨B̄_rel, L̄⟩, ⟨L̄, L̄⟩, Σ_rows Var_row, number of rows
+    mode_ip = torch.zeros(images, H, r, dtype=torch.float64)
+    bias_ip, rel_ip, total, var_sum = (torch.zeros(images, H, dtype=torch.float64) for _ in range(4))
+    n_rows = torch.zeros(images, dtype=torch.float64)
+    for b in range(B):
+        w = pairs[b].double()  # (N, N)
+        rows = w.sum(-1, keepdim=True)
+        live = rows[:, 0] > 0
+        image = b // group
+        n_rows[image] += float(live.sum())
+
+        def centre(t: Tensor, w: Tensor = w, rows: Tensor = rows) -> Tensor:
+            return (t - (t * w).sum(-1, keepdim=True) / rows.clamp_min(1)) * w
+
+        for h in range(H):
+            parts = _contributions(atlas, layer, z[b:b + 1], h, list(range(r)))[0]  # (r, N, N)
+            residual = _residual(atlas, layer, z[b:b + 1], h)[0]
+            C, R = centre(parts), centre(residual)
+            L = C.sum(0) + R
+            total[image, h] += (L * L).sum()
+            mode_ip[image, h] += (C * L).sum(dim=(-1, -2))
+            bias_ip[image, h] += (R * L).sum()
+            var_sum[image, h] += ((L * L).sum(-1)[live] / rows[live, 0]).sum()
+            if form.bias is not None:
+                rel_ip[image, h] += (centre(form.bias.dense()[h].to(z)) * L).sum()
+    if bool((n_rows == 0).any()) or bool((pairs.sum(-1) < 2).all(dim=-1).reshape(images, group).all(-1).any()):
+        raise QKDissectError("logit variance needs at least two valid tokens per input.")
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    return LogitVarianceShares(mode_shares=mode_ip / safe[..., None], bias_share=bias_ip / safe,
+                               logit_variance=var_sum / n_rows[:, None],
+                               relative_bias_share=rel_ip / safe if form.bias is not None else None)
+
+
+def windows_to_grid(values: Tensor, windows: Any) -> Tensor:
+    """Per-window-token values (B·n_windows, ..., T_w) -> per-grid-token values (B, ..., rows·cols) in
+    row-major grid order (the window partition undone, padding dropped; ``windows`` a WindowLayout)."""
+    index = windows.token_index.to(values.device)
+    n_windows, T_w = index.shape
+    batch = values.shape[0] // n_windows
+    middle = values.shape[1:-1]
+    v = values.reshape(batch, n_windows, *middle, T_w).movedim(1, -2).reshape(batch, *middle, n_windows * T_w)
+    flat = index.reshape(-1)
+    keep = flat >= 0
+    out = torch.zeros(batch, *middle, windows.grid[0] * windows.grid[1], dtype=values.dtype, device=values.device)
+    out[..., flat[keep]] = v[..., keep]
+    return out

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from qkdissect.errors import QKDissectError
+from qkdissect.forms import AttentionForm
 
 __all__ = ["AttentionLayer", "ModelAdapter", "Preprocessing", "loaded_class", "first_instance"]
 
@@ -33,7 +34,9 @@ class AttentionLayer:
     ``b_q`` (n_heads, d_head) or None; ``b_k`` (n_kv_heads, d_head) or None;
     ``ln_weight``/``ln_bias`` (d_model,) — the affine (γ, β) of the LayerNorm whose output is
     the attention input x̃, or None when there is none. ``kv_head_of[h]`` is the key head that
-    query head h reads (multi-query / grouped-query attention); identity when None.
+    query head h reads (multi-query / grouped-query attention); identity when None. ``form``: what
+    the layer does besides the bilinear form (rotary embeddings, QK-norm, relative bias, windows,
+    masks; see :class:`qkdissect.forms.AttentionForm`), None for a plain layer.
     """
 
     W_q: Tensor
@@ -44,6 +47,7 @@ class AttentionLayer:
     ln_weight: Tensor | None = None
     ln_bias: Tensor | None = None
     kv_head_of: tuple[int, ...] | None = None
+    form: AttentionForm | None = None
 
     @property
     def n_heads(self) -> int:
@@ -70,6 +74,7 @@ class AttentionLayer:
             scale=self.scale,
             ln_weight=self.ln_weight,
             ln_bias=self.ln_bias,
+            form=self.form,
         )
 
 
@@ -181,6 +186,13 @@ class ModelAdapter(ABC):
     def attention_layers(self) -> list[AttentionLayer]:
         """One :class:`AttentionLayer` per layer, in depth order (detached copies)."""
 
+    def attention_form(self, layer: int) -> AttentionForm:
+        """How ``layer`` turns q and k into logits besides the bilinear form — rotary tables, QK-norm,
+        relative bias, windows, masks, read from the model for its own input size. Families override
+        this to describe their form, and raise QKDissectError (naming the reason) for variants
+        qkdissect cannot rebuild exactly. The default is a plain layer."""
+        return AttentionForm()
+
     @abstractmethod
     def attention_modules(self) -> list[nn.Module]:
         """Per layer, the module whose first input (positional or ``hidden_states=``) is x̃."""
@@ -236,7 +248,7 @@ class ModelAdapter(ABC):
         """Shapes and token layout, for the atlas metadata."""
         layers = self.attention_layers()
         first = layers[0]
-        return {
+        out = {
             "family": self.family,
             "modality": self.modality,
             "n_layers": len(layers),
@@ -248,4 +260,8 @@ class ModelAdapter(ABC):
             "prefix_tokens": list(self.prefix_tokens),
             "n_prefix_tokens": len(self.prefix_tokens),
         }
+        if len({(layer.n_heads, layer.d_model) for layer in layers}) > 1:  # e.g. Swin's stages
+            out["heads_per_layer"] = [layer.n_heads for layer in layers]
+            out["d_model_per_layer"] = [layer.d_model for layer in layers]
+        return out
 

@@ -28,7 +28,7 @@ _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "bo
 _QK_NAMES = (("q_proj", "k_proj"), ("query", "key"))
 
 
-def _find_qk(attention: nn.Module) -> tuple[nn.Module, nn.Linear, nn.Linear]:
+def find_qk(attention: nn.Module) -> tuple[nn.Module, nn.Linear, nn.Linear]:
     """The sub-module of ``attention`` (itself included) that owns the query and key Linears."""
     for module in attention.modules():
         for q_name, k_name in _QK_NAMES:
@@ -51,7 +51,7 @@ def _heads_and_scale(module: nn.Module, config: Any, width: int) -> tuple[int, i
     return n_heads, d_head, float(scale if scale is not None else d_head ** -0.5)
 
 
-class _HFAdapter(ModelAdapter):
+class HFAdapter(ModelAdapter):
     """Common code; subclasses name their backbone and layer classes."""
 
     transformers_module: ClassVar[str]
@@ -86,7 +86,7 @@ class _HFAdapter(ModelAdapter):
         self.layers = [m for m in self.backbone.modules() if isinstance(m, layer_cls)]
         if not self.layers:
             raise QKDissectError(f"found no {self.layer_class} in this {self.family} model.")
-        self._qk = [_find_qk(getattr(layer, self.attention_attr)) for layer in self.layers]
+        self._qk = [find_qk(getattr(layer, self.attention_attr)) for layer in self.layers]
         self.config = self.backbone.config
 
     def attention_modules(self) -> list[nn.Module]:
@@ -99,26 +99,44 @@ class _HFAdapter(ModelAdapter):
     def _ln_feeding(self, index: int) -> nn.Module | None:
         return getattr(self.layers[index], self.norm_attr) if self.norm_attr else None
 
+    def projections(self, index: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, float]:
+        """W_q (H, d_head, d_model), W_k (H_kv, d_head, d_model), b_q, b_k and the scale of layer ``index``.
+
+        A Linear ``W`` of shape (H·d_head, d_model) is split ``view(H, d_head, d_model)``."""
+        owner, q, k = self._qk[index]
+        n_heads, d_head, scale = _heads_and_scale(owner, self.config, q.weight.shape[0])
+        n_kv = k.weight.shape[0] // d_head
+        d_model = q.weight.shape[1]
+        return (q.weight.detach().reshape(n_heads, d_head, d_model).clone(),
+                k.weight.detach().reshape(n_kv, d_head, d_model).clone(),
+                None if q.bias is None else q.bias.detach().reshape(n_heads, d_head).clone(),
+                None if k.bias is None else k.bias.detach().reshape(n_kv, d_head).clone(), scale)
+
     def attention_layers(self) -> list[AttentionLayer]:
         result = []
-        for index, (owner, q, k) in enumerate(self._qk):
-            n_heads, d_head, scale = _heads_and_scale(owner, self.config, q.weight.shape[0])
-            n_kv = k.weight.shape[0] // d_head
-            d_model = q.weight.shape[1]
+        for index in range(len(self.layers)):
+            W_q, W_k, b_q, b_k, scale = self.projections(index)
+            n_heads, n_kv = W_q.shape[0], W_k.shape[0]
             norm = self._ln_feeding(index)
+            form = self.attention_form(index)
             result.append(
                 AttentionLayer(
-                    W_q=q.weight.detach().reshape(n_heads, d_head, d_model).clone(),
-                    W_k=k.weight.detach().reshape(n_kv, d_head, d_model).clone(),
-                    b_q=None if q.bias is None else q.bias.detach().reshape(n_heads, d_head).clone(),
-                    b_k=None if k.bias is None else k.bias.detach().reshape(n_kv, d_head).clone(),
-                    scale=scale,
+                    W_q=W_q, W_k=W_k, b_q=b_q, b_k=b_k, scale=scale,
                     ln_weight=None if norm is None or norm.weight is None else norm.weight.detach().clone(),
-                    ln_bias=None if norm is None or norm.bias is None else norm.bias.detach().clone(),
+                    ln_bias=None if norm is None or getattr(norm, "bias", None) is None else norm.bias.detach().clone(),
                     kv_head_of=None if n_kv == n_heads else tuple(h * n_kv // n_heads for h in range(n_heads)),
+                    form=None if form.is_plain else form,
                 )
             )
         return result
+
+    def dummy_pixels(self) -> Tensor:
+        """A zero image of the model's input size in the dtype of its parameters."""
+        import torch
+
+        height, width = self.preprocessing().image_size
+        parameter = next(self.backbone.parameters())
+        return torch.zeros(1, 3, height, width, dtype=parameter.dtype, device=parameter.device)
 
     # ----- images ----------------------------------------------------------------------
     def _size(self, value: Any) -> tuple[int, int]:
@@ -159,11 +177,30 @@ class _HFAdapter(ModelAdapter):
     _store: list | None = None
 
     def _call(self, **kwargs: Any) -> Any:
-        if self._store is not None:
-            kwargs["output_attentions"] = True
-        output = self.backbone(**kwargs)
-        if self._store is not None:
+        if self._store is None:
+            return self.backbone(**kwargs)
+        kwargs["output_attentions"] = True
+        probabilities: dict[int, Tensor] = {}
+
+        def make_hook(index: int):
+            def hook(_module, _inputs, output):
+                if isinstance(output, tuple) and len(output) > 1 and isinstance(output[1], Tensor):
+                    probabilities[index] = output[1].detach()
+            return hook
+
+        handles = [module.register_forward_hook(make_hook(i)) for i, module in enumerate(self.attention_modules())]
+        try:
+            output = self.backbone(**kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if len(probabilities) == len(self.layers):  # read per attention module: every layer, windows included
+            self._store.append([probabilities[i] for i in range(len(self.layers))])
+        elif getattr(output, "attentions", None) is not None and all(a is not None for a in output.attentions):
             self._store.append([a.detach() for a in output.attentions])
+        else:
+            raise QKDissectError(f"this {self.family} model returned no attention probabilities (its attention class "
+                                 "is fixed to SDPA/flash at construction); load it with attn_implementation=\"eager\".")
         return output
 
     def forward(self, inputs: Any) -> Any:
@@ -171,7 +208,7 @@ class _HFAdapter(ModelAdapter):
 
     @contextlib.contextmanager
     def eager_attention(self) -> Iterator[list[list[Tensor]]]:
-        configs = [self.config] + [getattr(m, "config") for m in self.backbone.modules() if hasattr(m, "config")]
+        configs = [self.config] + [m.config for m in self.backbone.modules() if hasattr(m, "config")]
         saved = [getattr(c, "_attn_implementation", None) for c in configs]
         self._store = []
         try:
@@ -185,7 +222,7 @@ class _HFAdapter(ModelAdapter):
 
 
 @register_adapter
-class HFViTAdapter(_HFAdapter):
+class HFViTAdapter(HFAdapter):
     family = "hf-vit"
     transformers_module = "transformers.models.vit.modeling_vit"
     backbone_classes = ("ViTModel",)
@@ -200,7 +237,7 @@ class HFViTAdapter(_HFAdapter):
 
 
 @register_adapter
-class HFDeiTAdapter(_HFAdapter):
+class HFDeiTAdapter(HFAdapter):
     family = "hf-deit"
     transformers_module = "transformers.models.deit.modeling_deit"
     backbone_classes = ("DeiTModel",)
@@ -215,7 +252,7 @@ class HFDeiTAdapter(_HFAdapter):
 
 
 @register_adapter
-class HFDinov2Adapter(_HFAdapter):
+class HFDinov2Adapter(HFAdapter):
     family = "hf-dinov2"
     transformers_module = "transformers.models.dinov2.modeling_dinov2"
     backbone_classes = ("Dinov2Model",)
@@ -242,7 +279,7 @@ class HFDinov2RegistersAdapter(HFDinov2Adapter):
 
 
 @register_adapter
-class HFCLIPVisionAdapter(_HFAdapter):
+class HFCLIPVisionAdapter(HFAdapter):
     """CLIP's vision tower. The pre-LayerNorm before the blocks is part of the residual stream;
     x̃ is ``layer_norm1`` of each block. The attention scale is read from the module."""
 
@@ -267,7 +304,7 @@ class HFCLIPVisionAdapter(_HFAdapter):
 
 
 @register_adapter
-class HFBertAdapter(_HFAdapter):
+class HFBertAdapter(HFAdapter):
     """BERT-style post-LN text encoders (BERT, MiniLM): x̃ is the block input, which the
     previous block's output LayerNorm (the embedding LayerNorm for layer 0) produced."""
 

@@ -23,6 +23,7 @@ from torch import nn
 from qkdissect.adapters.base import ModelAdapter, Preprocessing
 from qkdissect.adapters.registry import get_adapter
 from qkdissect.errors import QKDissectError
+from qkdissect.weights import check_finite_weights, check_loading_info
 
 __all__ = ["LoadedModel", "load_model", "load_state_dict", "register_builtin", "builtin_models", "wrap_model"]
 
@@ -66,6 +67,7 @@ def wrap_model(model: nn.Module | LoadedModel, spec: str | None = None) -> Loade
         return model
     adapter = get_adapter(model)
     model.eval()
+    check_finite_weights(model, adapter)
     return LoadedModel(model=model, adapter=adapter, spec=spec or f"module:{type(model).__name__}")
 
 
@@ -239,12 +241,14 @@ def _hf_model(path_or_id: str, checkpoint: str | None, random_init: bool,
 
                 cls = CLIPVisionModel
                 config = config.vision_config
+            info = None
             if random_init or checkpoint is not None:
                 model = cls.from_config(config)
             elif model_type == "clip":
-                model = cls.from_pretrained(path_or_id, **hub)
+                model, info = cls.from_pretrained(path_or_id, output_loading_info=True, **hub)
             else:
-                model = cls.from_pretrained(path_or_id, config=config, **hub)
+                model, info = cls.from_pretrained(path_or_id, config=config, output_loading_info=True, **hub)
+        check_loading_info(info, path_or_id, model)
     except QKDissectError:
         raise
     except Exception as error:  # noqa: BLE001
@@ -337,7 +341,7 @@ def _hub_model(repo: str, checkpoint: str | None, random_init: bool,
 
 
 def load_model(
-    spec: str, checkpoint: str | os.PathLike | None = None, *, random_init: bool = False, **timm_kwargs: Any
+    spec: str | nn.Module, checkpoint: str | os.PathLike | None = None, *, random_init: bool = False, **timm_kwargs: Any
 ) -> LoadedModel:
     """Load a model by spec (see module docstring) and find its adapter.
 
@@ -350,6 +354,15 @@ def load_model(
     checkpoint, or an unsupported family.
     """
     checkpoint = None if checkpoint is None else str(checkpoint)
+    if isinstance(spec, (nn.Module, LoadedModel)):  # a model object, as `dissect` accepts
+        if random_init:
+            raise QKDissectError("--random-init needs a model spec, not a model object.")
+        if checkpoint is None:
+            return wrap_model(spec)
+        load_state_dict(spec.model if isinstance(spec, LoadedModel) else spec, checkpoint)
+        wrapped = wrap_model(spec)
+        check_finite_weights(wrapped.model, wrapped.adapter)
+        return LoadedModel(wrapped.model, wrapped.adapter, wrapped.spec, checkpoint, wrapped.info)
     spec = str(spec)
     processor: dict = {}
     tokenizer = None
@@ -370,6 +383,7 @@ def load_model(
             loaded = loader()
         if checkpoint is not None:
             load_state_dict(loaded.model, checkpoint)
+            check_finite_weights(loaded.model, loaded.adapter)
             loaded = LoadedModel(loaded.model, loaded.adapter, spec, checkpoint, loaded.info)
         return loaded
     if spec.startswith("timm:"):
@@ -417,5 +431,6 @@ def load_model(
         adapter.processor_config = processor
     if tokenizer is not None and hasattr(adapter, "tokenizer"):
         adapter.tokenizer = tokenizer
+    check_finite_weights(model, adapter)
     return LoadedModel(model=model, adapter=adapter, spec=spec, checkpoint=checkpoint,
                        info={k: v for k, v in info.items() if v is not None})

@@ -23,27 +23,12 @@ def registered_adapters() -> tuple[type[ModelAdapter], ...]:
     return tuple(_ADAPTERS)
 
 
-def _refuse_unsupported(model: nn.Module) -> None:
-    """Refuse models whose query-key logits are not a position-free bilinear form."""
-    from qkdissect.adapters.timm_vit import refuse_rotary
-
-    refuse_rotary(model)
-    for module in model.modules():
-        name = type(module).__name__.lower()
-        if "rotary" in name or "rope" in name:
-            raise QKDissectError(
-                f"this model contains {type(module).__name__}: rotary position embeddings make "
-                "each query-key logit depend on the relative position, so there is no single "
-                "bilinear form x̃_iᵀ M x̃_j to decompose; qkdissect refuses rather than produce "
-                "wrong modes. Use a model with absolute position embeddings."
-            )
-
-
 def get_adapter(model: nn.Module) -> ModelAdapter:
     """The adapter for ``model``, found by its module types.
 
-    Raises QKDissectError for unsupported families (naming the supported ones) and for
-    models with rotary embeddings or QK-norm.
+    Raises QKDissectError for unsupported families (naming the supported ones); an adapter
+    refuses, with the reason, the variants of its family whose attention form it cannot rebuild.
+    The registry only dispatches: it knows no family.
     """
     if isinstance(model, ModelAdapter):
         return model
@@ -51,7 +36,6 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
         raise QKDissectError(
             f"expected a torch nn.Module (or what qkdissect.load_model returns), got {type(model).__name__}."
         )
-    _refuse_unsupported(model)
     for cls in _ADAPTERS:
         if cls.matches(model):
             return cls(model)

@@ -1,35 +1,38 @@
-"""timm ``VisionTransformer`` (vit_*, deit_* incl. distilled, DINO/DINOv2-style, register tokens).
+"""timm ``VisionTransformer`` (vit_*, deit_* incl. distilled, DINO/DINOv2-style, register tokens,
+SigLIP ``vit_*_siglip_*``, ``qk_norm=True``) and ``NaFlexVit`` (naflexvit_*, plain blocks).
 
 Parameter layout: ``blocks[i].attn.qkv`` is one fused Linear (3·n_heads·d_head × d_model);
 output row ``s·A + h·d_head + i`` (s = 0 query, 1 key, 2 value; A = n_heads·d_head) is
 coordinate i of head h — the order timm's own ``reshape(B, N, 3, H, d_head)`` uses.
-x̃ = ``blocks[i].norm1(x)`` is the input of ``blocks[i].attn``.
+x̃ = ``blocks[i].norm1(x)`` is the input of ``blocks[i].attn``. With ``qk_norm=True`` the
+per-head ``q_norm`` / ``k_norm`` (LayerNorm or RmsNorm over d_head) become the layer's QK-norm form.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Iterator
-
 from torch import Tensor, nn
 
-from qkdissect.adapters.base import AttentionLayer, ModelAdapter, Preprocessing, loaded_class
+from qkdissect.adapters.base import AttentionLayer, loaded_class
 from qkdissect.adapters.registry import register_adapter
+from qkdissect.adapters.timm_common import TimmAdapter, qk_norm_of, split_qk
 from qkdissect.errors import QKDissectError
+from qkdissect.forms import AttentionForm
 
 
-def _vit_class() -> type | None:
-    return loaded_class("timm.models.vision_transformer", "VisionTransformer")
+def _vit_classes() -> tuple[type, ...]:
+    found = (loaded_class("timm.models.vision_transformer", "VisionTransformer"),
+             loaded_class("timm.models.naflexvit", "NaFlexVit"))
+    return tuple(c for c in found if c is not None)
 
 
 @register_adapter
-class TimmViTAdapter(ModelAdapter):
+class TimmViTAdapter(TimmAdapter):
     family = "timm-vit"
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        vit = _vit_class()
-        return vit is not None and isinstance(model, vit)
+        classes = _vit_classes()
+        return bool(classes) and isinstance(model, classes)
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -37,30 +40,29 @@ class TimmViTAdapter(ModelAdapter):
         from timm.models.vision_transformer import Block, ResPostBlock
 
         self._post_norm = False
+        self._naflex = type(model).__name__ == "NaFlexVit"
         for index, block in enumerate(model.blocks):
             if type(block) not in (Block, ResPostBlock):
                 raise QKDissectError(
                     f"block {index} of this timm model is a {type(block).__name__}; qkdissect reads "
-                    "timm Block / ResPostBlock (separate attention and MLP). Parallel or fused "
-                    "blocks are not supported."
+                    "timm Block / ResPostBlock (separate attention and MLP) here. Parallel or fused "
+                    "blocks are not supported" + ("; NaFlexVit with RoPE blocks is not supported either."
+                                                  if self._naflex else ".")
                 )
-            if not isinstance(block.attn, Attention):
+            if type(block.attn) is not Attention:
                 raise QKDissectError(
                     f"block {index} uses attention module {type(block.attn).__name__}; qkdissect "
                     "reads timm's standard Attention with a fused qkv Linear."
                 )
-            if not isinstance(block.attn.q_norm, nn.Identity) or not isinstance(block.attn.k_norm, nn.Identity):
-                raise QKDissectError(
-                    f"block {index} applies QK-norm (a normalisation of q and k per token), so its "
-                    "logits are not a bilinear form x̃_iᵀ M x̃_j; qkdissect refuses rather than "
-                    "produce wrong modes. Use a model without qk_norm."
-                )
+            qk_norm_of(block.attn)  # refuses norms it cannot rebuild
             self._post_norm = self._post_norm or isinstance(block, ResPostBlock)
 
     def attention_modules(self) -> list[nn.Module]:
         return [block.attn for block in self.model.blocks]
 
-    def qk_linears(self, layer: int) -> tuple[str, nn.Module, None]:
+    def qk_linears(self, layer: int) -> tuple[str, nn.Module, None] | None:
+        if qk_norm_of(self.model.blocks[layer].attn) is not None:
+            return None  # the maps of a QK-norm layer need the per-token norm: project x̃ instead
         return "fused", self.model.blocks[layer].attn.qkv, None
 
     def _ln_feeding(self, index: int) -> tuple[Tensor | None, Tensor | None]:
@@ -74,37 +76,35 @@ class TimmViTAdapter(ModelAdapter):
             None if bias is None else bias.detach().clone(),
         )
 
+    def attention_form(self, layer: int) -> AttentionForm:
+        norm = qk_norm_of(self.model.blocks[layer].attn)
+        return AttentionForm() if norm is None else AttentionForm(qk_norm=norm)
+
     def attention_layers(self) -> list[AttentionLayer]:
         layers = []
         for index, attn in enumerate(self.attention_modules()):
-            n_heads, d_head = attn.num_heads, attn.head_dim
-            width = n_heads * d_head
-            weight = attn.qkv.weight.detach()
-            d_model = weight.shape[1]
-            W_q = weight[:width].reshape(n_heads, d_head, d_model).clone()
-            W_k = weight[width : 2 * width].reshape(n_heads, d_head, d_model).clone()
-            bias = attn.qkv.bias
-            b_q = b_k = None
-            if bias is not None:
-                bias = bias.detach()
-                b_q = bias[:width].reshape(n_heads, d_head).clone()
-                b_k = bias[width : 2 * width].reshape(n_heads, d_head).clone()
+            W_q, W_k, b_q, b_k = split_qk(attn, attn.num_heads, attn.head_dim)
             ln_weight, ln_bias = self._ln_feeding(index)
-            layers.append(
-                AttentionLayer(W_q=W_q, W_k=W_k, b_q=b_q, b_k=b_k, scale=float(attn.scale),
-                               ln_weight=ln_weight, ln_bias=ln_bias)
-            )
+            form = self.attention_form(index)
+            layers.append(AttentionLayer(W_q=W_q, W_k=W_k, b_q=b_q, b_k=b_k, scale=float(attn.scale),
+                                         ln_weight=ln_weight, ln_bias=ln_bias,
+                                         form=None if form.is_plain else form))
         return layers
 
     @property
     def prefix_tokens(self) -> tuple[str, ...]:
         model = self.model
+        source = model.embeds if self._naflex else model
         kinds: list[str] = []
-        if getattr(model, "cls_token", None) is not None:
+        if getattr(source, "cls_token", None) is not None:
             kinds.append("cls")
-        if getattr(model, "dist_token", None) is not None:
+        if getattr(source, "dist_token", None) is not None:
             kinds.append("dist")
-        kinds += ["register"] * int(getattr(model, "num_reg_tokens", 0) or 0)
+        n_reg = getattr(source, "num_reg_tokens", None)
+        if n_reg is None:
+            reg = getattr(source, "reg_token", None)
+            n_reg = 0 if reg is None else reg.shape[1]
+        kinds += ["register"] * int(n_reg or 0)
         if len(kinds) != int(model.num_prefix_tokens):
             raise QKDissectError(
                 f"this timm model reports {model.num_prefix_tokens} prefix tokens but qkdissect "
@@ -113,67 +113,14 @@ class TimmViTAdapter(ModelAdapter):
         return tuple(kinds)
 
     def patch_grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
-        patch_h, patch_w = self.model.patch_embed.patch_size
-        height, width = image_size
-        if getattr(self.model.patch_embed, "dynamic_img_pad", False):
-            return -(-height // patch_h), -(-width // patch_w)
-        return height // patch_h, width // patch_w
+        if self._naflex:
+            return tuple(int(v) for v in self.model.embeds.dynamic_feat_size(image_size))
+        return super().patch_grid(image_size)
 
-    def preprocessing(self) -> Preprocessing:
-        from timm.data import resolve_model_data_config
+    def preprocessing(self):
+        prep = super().preprocessing()
+        if self._naflex and getattr(self.model.embeds, "default_img_size", None) is not None:
+            from dataclasses import replace
 
-        config = resolve_model_data_config(self.model)
-        _, height, width = config["input_size"]
-        img_size = getattr(self.model.patch_embed, "img_size", None)
-        if img_size is not None:  # the size the model was built for wins over its pretrained config
-            height, width = img_size
-        return Preprocessing(
-            image_size=(int(height), int(width)),
-            mean=tuple(float(v) for v in config["mean"]),
-            std=tuple(float(v) for v in config["std"]),
-            interpolation=str(config.get("interpolation", "bicubic")),
-            crop_pct=float(config.get("crop_pct", 1.0) or 1.0),
-            source="timm data config",
-        )
-
-    def forward(self, inputs: Any) -> Any:
-        return self.model.forward_features(inputs)
-
-    @contextlib.contextmanager
-    def eager_attention(self) -> Iterator[list[list[Tensor]]]:
-        modules = self.attention_modules()
-        saved = [module.fused_attn for module in modules]
-        store: list[list[Tensor]] = []
-        handles = []
-
-        def make_hook():
-            def hook(_module, _inputs, output):
-                if not store or len(store[-1]) == len(modules):
-                    store.append([])
-                store[-1].append(output.detach())
-
-            return hook
-
-        try:
-            for module in modules:
-                module.fused_attn = False
-                handles.append(module.attn_drop.register_forward_hook(make_hook()))
-            yield store
-        finally:
-            for handle in handles:
-                handle.remove()
-            for module, flag in zip(modules, saved):
-                module.fused_attn = flag
-
-
-def refuse_rotary(model: nn.Module) -> None:
-    """Raise when a timm model applies rotary position embeddings inside attention."""
-    eva = loaded_class("timm.models.eva", "Eva")
-    if eva is not None and isinstance(model, eva) and getattr(model, "rope", None) is not None:
-        raise QKDissectError(
-            "this timm Eva model applies rotary position embeddings (RoPE) to q and k, so a "
-            "query-key logit depends on the relative position and is not one bilinear form "
-            "x̃_iᵀ M x̃_j; qkdissect refuses rather than produce wrong modes. Use a model with "
-            "absolute position embeddings."
-        )
-
+            prep = replace(prep, image_size=tuple(int(v) for v in self.model.embeds.default_img_size))
+        return prep

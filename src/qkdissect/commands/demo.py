@@ -9,8 +9,8 @@ import typer
 from rich.markup import escape
 
 from qkdissect.commands.common import console, err_console, guarded, progress_reporter
-
-DEMO_FORMAT, DEMO_INDEX = "qkdissect-demo", "demo.json"
+from qkdissect.formats import validated
+from qkdissect.formats.demo import DEMO_FORMAT, DEMO_INDEX, DemoDocument
 
 
 def _step(number: int, total: int, title: str) -> None:
@@ -76,7 +76,7 @@ def register(app: typer.Typer) -> None:
                                        progress=progress)
 
         _step(3, steps, "query/key maps of the most grouping head of layer 0")
-        head = int(atlas.weighted_cosines[0].argmax())
+        head = int(atlas.weighted_cosines[0].nan_to_num(float("-inf")).argmax())
         picked = sorted(world.glob("*.png"))[:3]
         context = prepare_view(loaded, atlas)
         with progress_reporter({"maps": f"maps (layer 0, head {head})"}) as progress:
@@ -113,12 +113,14 @@ def register(app: typer.Typer) -> None:
                                   mined=out / "mined", maps=[out / "maps"], progress=progress)
         for warning in result.warnings:
             console.print(f"[yellow]{escape(warning)}[/]")
-        demo_folder.finish({"format_version": 1, "model": model, "quick": quick, "images": n_world,
+        demo_document = {"format": DEMO_FORMAT, "format_version": 1, "model": model, "quick": quick, "images": n_world,
                             "odd_images": n_odd, "seed": seed,
                             "parts": {"atlas": "atlas/atlas.json", "world": "world/world.json",
                                       "maps": "maps/maps.json", "mined": "mined/mined.json",
                                       "oddoneout": "oddoneout/manifest.json",
-                                      "preference": "preference/preference.json", "report": "report/report.json"}})
+                                      "preference": "preference/preference.json", "report": "report/report.json"}}
+        validated(DemoDocument, demo_document, out / DEMO_INDEX, "this is a bug in qkdissect: please report it")
+        demo_folder.finish(demo_document)
 
         console.rule("[bold green]done")
         console.print(f"finished in {time.perf_counter() - started:.0f} s. Look at:\n"

@@ -28,11 +28,29 @@ def layer_table(rows: Sequence[dict[str, Any]], band: tuple[float, float], title
     table = Table(title=title, caption=f"null: Gaussian heads, {what} [{lo:+.3f}, {hi:+.3f}] of the weighted cosine")
     for column in ("layer", "mean C", "min C", "max C", "heads > null", "heads < null", "modes > null"):
         table.add_column(column, justify="right")
+    def cell(value: Any, spec: str) -> str:
+        return "—" if value is None or value != value else format(value, spec)  # NaN: nothing defined
+
     for row in rows:
-        table.add_row(str(row["layer"]), f"{row['mean_weighted_cosine']:+.3f}", f"{row['min_weighted_cosine']:+.3f}",
-                      f"{row['max_weighted_cosine']:+.3f}", f"{row['share_heads_above_null']:.0%}",
-                      f"{row['share_heads_below_null']:.0%}", f"{row['share_modes_above_null']:.0%}")
+        table.add_row(str(row["layer"]), cell(row["mean_weighted_cosine"], "+.3f"),
+                      cell(row["min_weighted_cosine"], "+.3f"), cell(row["max_weighted_cosine"], "+.3f"),
+                      cell(row["share_heads_above_null"], ".0%"), cell(row["share_heads_below_null"], ".0%"),
+                      cell(row["share_modes_above_null"], ".0%"))
     return table
+
+
+def undefined_note(atlas: ModeAtlas) -> str | None:
+    """The rank-0 heads and undefined modes of ``atlas`` in one sentence, or None when every mode is defined."""
+    rank0 = atlas.rank0_heads()
+    undefined = int((~atlas.defined).sum())
+    if not undefined:
+        return None
+    text = (f"{undefined} undefined mode(s) (σ_k ≤ {atlas.undefined_tolerance:.2g}·σ_1: no cosine, no map, left out "
+            "of the statistics)")
+    if rank0:
+        heads = ", ".join(f"layer {layer} head {head}" for layer, head in rank0[:12])
+        text += f"; {len(rank0)} head(s) of rank 0 (W_qᵀW_k = 0): {heads}" + (" …" if len(rank0) > 12 else "")
+    return text + "."
 
 
 def trend_rows(label: str, n_layers: int, n_heads: int, trend: DepthTrend) -> list[str]:
@@ -60,10 +78,37 @@ def trend_table(rows: Sequence[list[str]], title: str = "early-vs-late trend", l
 
 
 def write_figures(atlas: ModeAtlas, out: Path) -> list[Path]:
-    from qkdissect.plots import plot_layer_similarity, plot_mode_cosines
+    from qkdissect.plots import plot_distance_curves, plot_layer_similarity, plot_mode_cosines
 
-    return [plot_layer_similarity(atlas, out / "layer_similarity.png"),
-            plot_mode_cosines(atlas, out / "mode_cosines.png")]
+    figures = [plot_layer_similarity(atlas, out / "layer_similarity.png"),
+               plot_mode_cosines(atlas, out / "mode_cosines.png")]
+    if any(layer.positional is not None and layer.positional.distance_cosine is not None for layer in atlas.layers):
+        figures.append(plot_distance_curves(atlas, out / "distance_similarity.png"))
+    return figures
+
+
+def write_offsets(document: dict, tensors: dict, out: Path) -> list[Path]:
+    """offsets.json / offsets.safetensors (see qkdissect.positional.offset_document)."""
+    from safetensors.torch import save_file
+
+    from qkdissect.files import atomic_write, write_json
+
+    atomic_write(out / "offsets.safetensors", lambda p: save_file(tensors, str(p)))
+    write_json(out / "offsets.json", document)
+    return [out / "offsets.json", out / "offsets.safetensors"]
+
+
+def print_offsets(atlas: ModeAtlas, document: dict) -> None:
+    """One table per offset: per rotary layer the head-mean weighted cosine at the offset and at Δ = 0."""
+    for entry in document["offsets"]:
+        table = Table(title=f"modes at offset {tuple(entry['offset'])} (key − query)")
+        for column in ("layer", "pairs", "mean C(Δ)", "mean C(0)"):
+            table.add_column(column, justify="right")
+        for row in entry["layers"]:
+            values = [h["weighted_cosine"] for h in row["heads"]]
+            content = atlas.weighted_cosines[row["layer"], :len(values)].double().mean()
+            table.add_row(str(row["layer"]), str(row["pairs"]), f"{sum(values) / len(values):+.3f}", f"{float(content):+.3f}")
+        console.print(table)
 
 
 def register(app: typer.Typer) -> None:
@@ -83,6 +128,10 @@ def register(app: typer.Typer) -> None:
         null_samples: int = typer.Option(1000, help="Gaussian heads sampled for the null."),
         null_percentile: float = typer.Option(99.0, help="Central percentile band of the null."),
         seed: int = typer.Option(0, help="Seed of the null sampling."),
+        offset: Optional[list[str]] = typer.Option(
+            None, "--offset", help="Rotary models: also write the modes of M(Δ) = W_qᵀR(Δ)W_k at this offset of the key "
+                                   "from the query, DY,DX in patches (D in tokens for text; negative: key before "
+                                   "the query), to offsets.json / offsets.safetensors. Repeatable."),
     ) -> None:
         """Decompose every head's W_qᵀW_k into singular modes; write atlas.safetensors, atlas.json and figures.
 
@@ -93,17 +142,36 @@ def register(app: typer.Typer) -> None:
         from qkdissect import load_model
         from qkdissect.decomposition import ATLAS_FORMAT
         from qkdissect.outputs import check_out
+        from qkdissect.positional import parse_offset
 
         check_out(out, ATLAS_FORMAT, "atlas.json")
+        offsets = [parse_offset(text) for text in offset or []]
         with err_console.status(f"loading {model}"):
             loaded = load_model(model, checkpoint, random_init=random_init)
         with err_console.status("decomposing"):
             atlas = run_dissect(loaded, fold_ln=fold_ln, dtype=dtype, device=device, null_samples=null_samples,
                                 null_percentile=null_percentile, seed=seed)
-        atlas.save(out, extra=lambda folder: write_figures(atlas, folder))
-        figures = [out / "layer_similarity.png", out / "mode_cosines.png"]
+        offset_files = None
+        if offsets:
+            from qkdissect.positional import offset_document
+
+            offset_files = offset_document(atlas, offsets)  # refuses bad offsets before anything is written
+        written: list[Path] = []
+
+        def extra(folder: Path) -> None:
+            written.extend(out / p.name for p in write_figures(atlas, folder))
+            if offset_files is not None:
+                written.extend(out / p.name for p in write_offsets(*offset_files, folder))
+
+        atlas.save(out, extra=extra)
+        figures = written
+        if offset_files is not None:
+            print_offsets(atlas, offset_files[0])
         console.print(summary_table(atlas, f"{loaded.spec} — {loaded.family}, {atlas.n_layers} layers × "
                                            f"{atlas.n_heads} heads, d_model {atlas.d_model}, d_head {atlas.rank}"))
+        note = undefined_note(atlas)
+        if note:
+            console.print(f"[yellow]{escape(note)}[/]")
         degenerate = int(atlas.degenerate.sum())
         if degenerate:
             console.print(f"[yellow]{degenerate} pairs of near-degenerate singular values (relative gap < "

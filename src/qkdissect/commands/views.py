@@ -11,10 +11,12 @@ from rich.table import Table
 from qkdissect.commands.common import console, err_console, guarded, parse_int_list, progress_reporter
 
 MODEL_HELP = ("Model spec: timm:NAME, hf:ID_OR_FOLDER, builtin:NAME, a saved model folder, or a bare timm name.")
-BAD_IMAGE_POLICY = ("Images are opened with their own format (jpg/jpeg/png/webp/bmp); grayscale, palette and RGBA "
-                    "are converted to RGB. A file is refused with its reason when it is empty (0 bytes), not an "
-                    "image, truncated, smaller than 2 px on a side (so a 1×1 image is refused) or has an aspect "
-                    "ratio beyond 50:1 (so a 1000×5 image is refused).")
+BAD_IMAGE_POLICY = ("Images are opened with their own format (jpg/jpeg/png/webp/bmp/tif) and read faithfully: "
+                    "1-, 8-, 16- and 32-bit integer and float pixels are scaled to 8 bits (never clipped), grey, "
+                    "palette, CMYK and alpha images are converted to RGB (alpha on white), EXIF orientation is "
+                    "applied. A file is refused with its reason when it is empty (0 bytes), not an "
+                    "image, truncated, a decompression bomb, smaller than 2 px on a side (so a 1×1 image is refused) or "
+                    "has an aspect ratio beyond 50:1 (so a 1000×5 image is refused).")
 
 
 def _load(model: str, checkpoint: Optional[Path], random_init: bool, atlas: Optional[Path]):
@@ -200,7 +202,9 @@ def register(app: typer.Typer) -> None:
         from qkdissect import load_model
         from qkdissect.decomposition import ModeAtlas
         from qkdissect.mining import mine as run_mine
+        from qkdissect.outputs import check_writable
 
+        check_writable(out, "mining run")
         is_main = int(os.environ.get("RANK", "0")) == 0
         if random_init:
             torch.manual_seed(seed)

@@ -9,7 +9,9 @@ Two routes compute the projections q_p = u_k·x̃_p and k_p = v_k·x̃_p of all 
   a d_model² projection for ViT-S. Used for a layer only when T_h W_q,h = Uᵀ holds to 1e-4
   (a rank-deficient W_q breaks it) and the adapter exposes the q/k Linears (timm ViT, HF).
 * ``"x"`` (general): a forward pre-hook on the attention module reads x̃ and projects it onto
-  [U | V] with one matmul (d_model × 2·H·r).
+  [U | V] with one matmul (d_model × 2·H·r). Layers with a QK-norm divide each token's maps by its
+  norm factors ρ_q, ρ_k (the maps the head uses, ``qkdissect.projection.project``); rotary layers
+  mine their content modes M(0) (the rotation acts on pairs of tokens, not on one token's map).
 
 Either way there is one einsum / matmul per layer over all heads and modes, then max / min /
 sums over the token axis on the tensor; nothing loops over heads or modes. Peak positions and
@@ -28,7 +30,9 @@ from torch import Tensor
 
 from qkdissect.adapters.loading import LoadedModel
 from qkdissect.errors import QKDissectError
+from qkdissect.forms.logits import norm_factors
 from qkdissect.mining.state import RunningStats, TopK, fixed_sum, merge_stats, merge_topk, to_fixed
+from qkdissect.positional import head_vectors
 from qkdissect.projection import StopForward
 from qkdissect.testpoints import pause_point
 
@@ -52,6 +56,7 @@ class LayerRoute:
     W: Tensor | None = None
     a: Tensor | None = None
     c: Tensor | None = None
+    norm: Any = None  # the atlas' LayerModes of a QK-norm layer (x route divides by ρ)
 
 
 def _affine(atlas, layer: int, d_model: int) -> tuple[Tensor, Tensor]:
@@ -95,8 +100,9 @@ def build_route(loaded: LoadedModel, atlas, layer: int, raw, prefer: str = "auto
     elif prefer == "qk":
         raise QKDissectError(f"the {loaded.family} adapter does not expose layer {layer}'s q/k projections.")
     W = torch.cat([U, V], dim=0).transpose(1, 2).reshape(-1, atlas.d_model)  # (2·H·r, d): rows u_k of each head, then v_k
+    norm = modes if modes.form is not None and modes.form.qk_norm is not None else None
     return LayerRoute(layer, "x", W=W.float().contiguous(), a=a.float() if folded else None,
-                      c=c.float() if folded else None)
+                      c=c.float() if folded else None, norm=norm)
 
 
 class MiningEngine:
@@ -205,6 +211,11 @@ class MiningEngine:
                     if route.a is not None:
                         z = z * route.a + route.c
                     P_full = (route.W @ z.T).reshape(2, H, r, B, N)  # [U | V]ᵀ x̃ for every token
+                    if route.norm is not None:  # the head's maps: u·x̃/ρ_q, v·x̃/ρ_k
+                        a, c = head_vectors(route.norm, z.reshape(B, N, d).double())
+                        norm = route.norm.form.qk_norm
+                        rho = torch.stack([norm_factors(a, norm, "q"), norm_factors(c, norm, "k")])  # (2, B, H, N)
+                        P_full = P_full / rho.permute(0, 2, 1, 3)[:, :, None].float()
                     self._reduce(slot, P_full, None, out)
                     finish()
                 handles.append(modules[route.layer].register_forward_pre_hook(self._exact(pre_hook), with_kwargs=True))

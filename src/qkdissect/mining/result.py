@@ -156,27 +156,39 @@ class MinedResult:
 
 
 def load_mined(directory: str | os.PathLike) -> MinedResult:
-    """Read a folder written by ``qkdissect mine`` / :func:`mine`."""
+    """Read a folder written by ``qkdissect mine`` / :func:`mine`; one QKDissectError naming the file and the field
+    (or tensor) when it is incomplete or inconsistent (schema: :mod:`qkdissect.formats.mined`)."""
     from safetensors.torch import load_file
+
+    from qkdissect.formats import check_shapes, read_document
+    from qkdissect.formats.mined import MinedDocument, mined_shapes
 
     directory = Path(directory)
     index = directory / "mined.json"
     if not index.is_file():
         raise QKDissectError(f"{index} not found: {directory} is not a finished `qkdissect mine` folder "
                              "(an interrupted run continues with --resume).")
+    remedy = "re-run `qkdissect mine`"
     try:
         meta = json.loads(index.read_text())
         tensors = load_file(str(directory / "mined.safetensors"))
         paths = Listing(directory / "images.txt")
     except Exception as error:  # noqa: BLE001
         raise QKDissectError(f"{directory} is incomplete or corrupt ({type(error).__name__}: {error}); "
-                             "re-run `qkdissect mine`.") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or \
-            int(meta.get("format_version", -1)) > FORMAT_VERSION:
+                             f"{remedy}.") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("format_version"), int) \
+            or meta["format_version"] > FORMAT_VERSION:
         raise QKDissectError(f"{index} is not a {FORMAT} index this qkdissect reads.")
+    meta, checked = read_document(index, MinedDocument, missing=f"{directory} is not a mining folder", remedy=remedy,
+                                  kind=FORMAT, max_version=FORMAT_VERSION)
+    check_shapes(directory / "mined.safetensors", {k: tuple(v.shape) for k, v in tensors.items()},
+                 mined_shapes(checked), remedy=remedy)
+    if len(paths) != checked.n_images:
+        raise QKDissectError(f"{directory / 'images.txt'} lists {len(paths)} images, mined.json n_images is "
+                             f"{checked.n_images}; {remedy}.")
     topk, stats = state_from_tensors(tensors)
-    return MinedResult(directory=directory, meta=meta, layers=tuple(meta["layers"]), root=Path(meta["image_root"]),
+    return MinedResult(directory=directory, meta=meta, layers=tuple(checked.layers), root=Path(checked.image_root),
                        image_paths=paths, topk=topk, stats={**stats_summary(stats), "tokens": stats.tokens,
                                                                    "images": stats.images},
-                       map_modes=tuple(meta["map_modes"]), grid=tuple(meta["grid"]),
-                       bad=tuple((b["path"], b["reason"]) for b in meta.get("bad_images", [])))
+                       map_modes=tuple(checked.map_modes), grid=tuple(checked.grid),
+                       bad=tuple((b.path, b.reason) for b in checked.bad_images))

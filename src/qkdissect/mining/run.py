@@ -135,6 +135,7 @@ def mine(model: Any, images: str | os.PathLike, out: str | os.PathLike, *, top_k
     ranks return None.
     """
     from qkdissect.decomposition import dissect
+    from qkdissect.positional import refuse_windows
 
     started = time.perf_counter()
     loaded: LoadedModel = wrap_model(model)
@@ -155,6 +156,11 @@ def mine(model: Any, images: str | os.PathLike, out: str | os.PathLike, *, top_k
         layers = list(range(n_layers)) if layers is None else sorted(set(int(layer) for layer in layers))
         if not layers or layers[0] < 0 or layers[-1] >= n_layers:
             raise QKDissectError(f"layers must be within 0..{n_layers - 1}, got {layers}.")
+        for layer in layers:  # window attention (Swin) is refused with its reason
+            refuse_windows(atlas, layer)
+        if atlas.ragged:
+            raise QKDissectError("mining needs the same heads and width in every layer; this model's layers differ "
+                                 f"(d_model per layer {list(atlas.d_models)}).")
         map_modes = list(range(atlas.rank)) if sheet_modes is None else sorted(set(int(m) for m in sheet_modes))
         if any(not 0 <= m < atlas.rank for m in map_modes):
             raise QKDissectError(f"sheet modes must be within 0..{atlas.rank - 1}, got {map_modes}.")

@@ -10,7 +10,8 @@ from torch import Tensor
 
 from qkdissect.adapters.base import AttentionLayer
 from qkdissect.errors import QKDissectError
-from qkdissect.projection import atlas_input, project
+from qkdissect.forms.logits import layer_logits
+from qkdissect.projection import atlas_input, mode_contributions, project, residual_logits, valid_pairs
 
 __all__ = ["attention_rows", "attention_rows_from_modes", "attention_shares"]
 
@@ -24,8 +25,14 @@ def attention_rows(layer: AttentionLayer, x: Tensor, tokens: Tensor) -> Tensor:
     """The model's attention rows of the query ``tokens``, from its own W_q, W_k, b_q, b_k.
 
     x: x̃ (B, N, d_model); tokens: (B, Q) sequence positions -> (B, heads, Q, N), rows summing to 1:
-    softmax_j(scale · (W_q x̃_t + b_q)·(W_k x̃_j + b_k)).
+    softmax_j(scale · (W_q x̃_t + b_q)·(W_k x̃_j + b_k)), or for a layer with another attention form
+    (rotation, QK-norm, relative bias, masks) its exact logits from the parameters
+    (``qkdissect.forms.logits.layer_logits``).
     """
+    if layer.form is not None:
+        logits = layer_logits(layer, x)  # (B, H, N, N)
+        index = tokens[:, None, :, None].expand(-1, logits.shape[1], -1, logits.shape[-1])
+        return torch.gather(logits, 2, index).softmax(dim=-1)
     layer = layer.expanded()
     W_q, W_k = layer.W_q.to(x), layer.W_k.to(x)
     q = torch.einsum("bqd,hed->bhqe", _gather_tokens(x, tokens), W_q)
@@ -43,9 +50,13 @@ def attention_rows_from_modes(atlas, layer: int, x: Tensor, tokens: Tensor,
 
     x: x̃ (B, N, d_model); tokens (B, Q) -> (len(n_modes), B, heads, Q, N):
     softmax_j(scale · (Σ_{k<m} σ_k (u_k·x̃_t)(v_k·x̃_j) + key_bias·x̃_j)) for each m in ``n_modes``
-    (None = all r modes, which reproduces the model's attention exactly).
+    (None = all r modes, which reproduces the model's attention exactly). Layers with another attention
+    form keep their exact non-mode part (:func:`qkdissect.projection.residual_logits`) and masks and
+    add the exact contributions of the leading modes (:func:`qkdissect.projection.mode_contributions`).
     """
     modes = atlas.layers[layer]
+    if modes.form is not None:
+        return _rows_from_form(atlas, layer, x, tokens, n_modes)
     q, k = project(atlas, layer, x)  # (B, H, N, r)
     q = torch.gather(q, 2, tokens[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
     q = q * modes.S.to(q)[None, :, None, :]  # σ_k (u_k·x̃_t)
@@ -56,6 +67,25 @@ def attention_rows_from_modes(atlas, layer: int, x: Tensor, tokens: Tensor,
         bilinear = torch.einsum("bhqr,bhnr->bhqn", q[..., :m], k[..., :m])
         rows.append((atlas.scale * (bilinear + salience)).softmax(dim=-1))
     return torch.stack(rows)
+
+
+def _rows_from_form(atlas, layer: int, x: Tensor, tokens: Tensor, n_modes: Sequence[int | None]) -> Tensor:
+    B, N = x.shape[:2]
+    allowed = valid_pairs(atlas, layer, x)
+    index = tokens[:, None, :, None].expand(-1, 1, -1, N)
+    heads = []
+    for head in range(atlas.heads_in(layer)):
+        parts = mode_contributions(atlas, layer, x, head)  # (B, r, N, N)
+        residual = residual_logits(atlas, layer, x, head)
+        per_m = []
+        for m in n_modes:
+            m = parts.shape[1] if m is None else min(int(m), parts.shape[1])
+            logits = parts[:, :m].sum(dim=1) + residual
+            if allowed is not None:
+                logits = logits.masked_fill(~allowed, float("-inf"))
+            per_m.append(torch.gather(logits[:, None], 2, index)[:, 0].softmax(dim=-1))  # (B, Q, N)
+        heads.append(torch.stack(per_m))
+    return torch.stack(heads, dim=2)  # (len(n_modes), B, H, Q, N)
 
 
 def attention_shares(rows: Tensor, n_prefix: int, maps: Tensor, query_patch: Tensor) -> tuple[Tensor, Tensor]:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -113,40 +112,51 @@ def save_preference(result: PreferenceResult, out: str | os.PathLike, figures: b
             written.append(plot_preference_modes(result, staging / "preference_modes.png"))
         document = {**result.meta, "names": list(result.names),
                     "problems": [p.to_dict() for p in result.problems], "layers": _layer_document(result)}
+        from qkdissect.formats import validated
+        from qkdissect.formats.preference import PreferenceDocument
+
+        validated(PreferenceDocument, document, out / "preference.json", "this result cannot be saved")
         index = folder.finish(document)
     return [index] + [out / path.relative_to(staging) for path in written]
 
 
 def load_preference(directory: str | os.PathLike) -> PreferenceResult:
-    """Read a folder written by :func:`save_preference` (QKDissectError when missing or corrupt)."""
+    """Read a folder written by :func:`save_preference`; one QKDissectError naming the file and the field (or the
+    array) when it is missing, corrupt or inconsistent (schema: :mod:`qkdissect.formats.preference`)."""
     from safetensors.numpy import load_file
+
+    from qkdissect.formats import check_shapes, read_document
+    from qkdissect.formats.preference import PreferenceDocument, preference_shapes
 
     directory = Path(directory)
     json_path, array_path = directory / "preference.json", directory / "preference.safetensors"
+    remedy = "re-run `qkdissect preference`"
     for path in (json_path, array_path):
         if not path.is_file():
             raise QKDissectError(f"{path} not found: {directory} is not a preference folder. Create one with "
                                  "`qkdissect preference MODEL --data DIR --out OUT`.")
     try:
-        document = json.loads(json_path.read_text())
         arrays = load_file(str(array_path))
     except Exception as error:  # noqa: BLE001 — any reader failure means a corrupt file
         raise QKDissectError(f"{directory} holds a corrupt preference result ({type(error).__name__}: {error}); "
-                             "re-run `qkdissect preference`.") from None
-    if document.get("format") != FORMAT:
-        raise QKDissectError(f"{json_path} is not a qkdissect preference file.")
-    if int(document.get("format_version", -1)) > FORMAT_VERSION:
-        raise QKDissectError(f"{json_path} has format version {document.get('format_version')}, newer than this "
-                             f"qkdissect reads ({FORMAT_VERSION}); upgrade qkdissect.")
+                             f"{remedy}.") from None
+    try:
+        document, checked = read_document(json_path, PreferenceDocument, missing=f"{directory} is not a preference "
+                                          "folder", remedy=remedy, kind=FORMAT, max_version=FORMAT_VERSION)
+    except QKDissectError as error:
+        if "is not a qkdissect-preference file" in str(error):
+            raise QKDissectError(f"{json_path} is not a qkdissect preference file.") from None
+        if "corrupt" in str(error):
+            raise QKDissectError(f"{directory} holds a corrupt preference result ({error}); {remedy}.") from None
+        raise
+    check_shapes(array_path, {k: v.shape for k, v in arrays.items()}, preference_shapes(checked), remedy=remedy)
 
     def interval(name: str) -> Interval:
         return Interval(*(arrays[f"{name}_{k}"].astype(np.float64) for k in ("mean", "lo", "hi")))
 
-    problems = tuple(Problem(p["name"], p["kind"], p["detail"]) for p in document.get("problems", []))
+    problems = tuple(Problem(p.name, p.kind, p.detail) for p in checked.problems)
     meta = {k: v for k, v in document.items() if k not in ("layers", "problems", "names", "files")}
-    return PreferenceResult(meta=meta, layers=tuple(document["layers_analysed"]), sources=tuple(document["sources"]),
-                            names=tuple(document.get("names", [])), shares=arrays["shares"], prefix=arrays["prefix"],
+    return PreferenceResult(meta=meta, layers=tuple(checked.layers_analysed), sources=tuple(checked.sources),
+                            names=tuple(checked.names), shares=arrays["shares"], prefix=arrays["prefix"],
                             layer=interval("layer"), head=interval("head"), prefix_layer=interval("prefix_layer"),
-                            prefix_head=interval("prefix_head"), skipped=dict(document.get("skipped", {})),
-                            problems=problems)
-
+                            prefix_head=interval("prefix_head"), skipped=dict(checked.skipped), problems=problems)

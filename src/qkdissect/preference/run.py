@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from qkdissect.errors import QKDissectError
+from qkdissect.positional import refuse_windows
 from qkdissect.preference.attention import attention_rows, attention_rows_from_modes, attention_shares
 from qkdissect.preference.result import (
     AXES,
@@ -53,7 +54,7 @@ def run_preference(model: Any, data: str | os.PathLike | O3Folder, *, atlas=None
     """
     from qkdissect.adapters.loading import wrap_model
     from qkdissect.decomposition import dissect
-    from qkdissect.files import library_versions
+    from qkdissect.files import library_versions, timestamp
 
     started = time.perf_counter()
     loaded = wrap_model(model)
@@ -81,6 +82,8 @@ def run_preference(model: Any, data: str | os.PathLike | O3Folder, *, atlas=None
                                                             all_layers[0].d_model):
         raise QKDissectError(f"the atlas ({atlas.n_layers} layers × {atlas.n_heads} heads, d_model {atlas.d_model}) "
                              f"does not belong to {loaded.spec}; dissect this model or drop --atlas.")
+    for layer in layers:  # window attention (Swin) is refused with its reason
+        refuse_windows(atlas, layer)
     folder = data if isinstance(data, O3Folder) else read_o3_folder(data)
     items = folder.items if limit is None else folder.items[: max(0, int(limit))]
     sources = ("measured", "modes") + tuple(f"top{m}" for m in top_modes)
@@ -180,7 +183,7 @@ def run_preference(model: Any, data: str | os.PathLike | O3Folder, *, atlas=None
         "distractor_query_unavailable": dict(sorted(distractor_missing.items())),
         "agreement": {"max_abs_diff_modes_vs_measured": [float(d) for d in max_difference],
                       "what": "largest |a_modes − a_measured| over all attention entries of the query rows"},
-        "versions": library_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": library_versions(), "created": timestamp(),
         "seconds": round(time.perf_counter() - started, 2), "by_feature": by_feature, "images": images,
     }
     return PreferenceResult(meta=meta, layers=layers, sources=sources, names=tuple(names), shares=shares_all,

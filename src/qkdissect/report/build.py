@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 from markupsafe import Markup
 
 from qkdissect.decomposition import ModeAtlas
-from qkdissect.files import library_versions, read_json_document
+from qkdissect.files import library_versions, timestamp
 from qkdissect.outputs import JOURNAL, OutputFolder
 from qkdissect.progress import ProgressFn, report
 from qkdissect.report.assets import environment, png_size
@@ -91,8 +91,12 @@ def build_report(
             "n_files": len(files) + 1, "bytes": sum(p.stat().st_size for p in files),
             "warnings": _warnings(inputs, atlas),
             "build_seconds": round(time.perf_counter() - started, 3),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": library_versions(),
+            "created": timestamp(), "versions": library_versions(),
         }
+        from qkdissect.formats import validated
+        from qkdissect.formats.report import ReportDocument
+
+        validated(ReportDocument, manifest, out / MANIFEST, "this report cannot be written")
         folder.finish(manifest)
     return ReportResult(out=out, index=out / "index.html", n_pages=len(pages),
                         n_head_pages=atlas.n_layers * atlas.n_heads,
@@ -157,7 +161,7 @@ def _write_pages(tmp: Path, atlas: ModeAtlas, atlas_dir: str | None, inputs: _In
     env = environment()
     tables = AtlasTables(atlas)
     common = {"model_id": str(atlas.meta.get("model", "?")), "version": library_versions()["qkdissect"],
-              "created": time.strftime("%Y-%m-%d %H:%M"), "sections": sections, "null": atlas.null,
+              "created": timestamp("%Y-%m-%d %H:%M"), "sections": sections, "null": atlas.null,
               "shape": {"n_layers": atlas.n_layers, "n_heads": atlas.n_heads, "d_head": atlas.rank}}
     images = tmp / "img"
     figures = []
@@ -204,9 +208,8 @@ def _write_pages(tmp: Path, atlas: ModeAtlas, atlas_dir: str | None, inputs: _In
     heads = tmp / "heads"
     heads.mkdir()
     template = env.get_template("head.html.j2")
-    total = atlas.n_layers * atlas.n_heads
-    for index in range(total):
-        layer, head = divmod(index, atlas.n_heads)
+    total = len(tables.order)
+    for index, (layer, head) in enumerate(tables.order):
         path = heads / tables.page(layer, head)
         context = head_context(tables, layer, head)
         context.update({name: make(layer, head) for name, make in per_head.items()})
@@ -229,6 +232,13 @@ def _views_summary(inputs: _Inputs, tables: AtlasTables) -> dict[str, Any] | Non
 
 
 def load_report(directory: str | os.PathLike) -> dict[str, Any]:
-    """Read the manifest (report.json) of a report folder; QKDissectError if it is not one."""
-    return read_json_document(Path(directory) / MANIFEST, missing=f"{directory} is not a qkdissect report folder",
-                              remedy="regenerate the report with `qkdissect report`", kind=REPORT_FORMAT)
+    """Read the manifest (report.json) of a report folder; one QKDissectError naming the file and the field if it
+    is not one (schema: :mod:`qkdissect.formats.report`)."""
+    from qkdissect.formats import read_document
+    from qkdissect.formats.report import ReportDocument
+
+    document, _ = read_document(Path(directory) / MANIFEST, ReportDocument,
+                                missing=f"{directory} is not a qkdissect report folder",
+                                remedy="regenerate the report with `qkdissect report`", kind=REPORT_FORMAT,
+                                max_version=FORMAT_VERSION)
+    return document

@@ -16,7 +16,7 @@ from typing import Sequence
 
 from markupsafe import Markup, escape
 
-__all__ = ["cosine_svg", "diverging_color", "nice_ticks", "spectrum_svg", "text_color"]
+__all__ = ["cosine_svg", "distance_svg", "diverging_color", "nice_ticks", "spectrum_svg", "text_color"]
 
 # ColorBrewer RdBu (5 classes), reversed so that negative is blue and positive is red.
 _STOPS = ((-1.0, (33, 102, 172)), (-0.5, (146, 197, 222)), (0.0, (247, 247, 247)),
@@ -128,7 +128,7 @@ def spectrum_svg(S: Sequence[float], degenerate: Sequence[int] = ()) -> Markup:
 
 def cosine_range(cosines: Sequence[float], band: tuple[float, float]) -> tuple[float, float]:
     """Symmetric y range around 0 that holds every cosine and the null band, in steps of 0.1, ≤ 1."""
-    extent = max([abs(float(c)) for c in cosines] + [abs(band[0]), abs(band[1]), 0.05]) * 1.1
+    extent = max([abs(float(c)) for c in cosines if math.isfinite(float(c))] + [abs(band[0]), abs(band[1]), 0.05]) * 1.1
     extent = min(1.0, math.ceil(extent * 10 - 1e-9) / 10)
     return -extent, extent
 
@@ -136,7 +136,8 @@ def cosine_range(cosines: Sequence[float], band: tuple[float, float]) -> tuple[f
 def cosine_svg(cosines: Sequence[float], S: Sequence[float], band: tuple[float, float]) -> Markup:
     """Per-mode cosine u_k·v_k as dots against the null band (grey); dot area ∝ σ_k/σ_0.
 
-    Red: above the band, blue: below it, grey: inside. y range from :func:`cosine_range`.
+    Red: above the band, blue: below it, grey: inside. y range from :func:`cosine_range`. Undefined modes (NaN
+    cosine: σ_k ≤ ε·σ_1) get no dot.
     """
     cosines = [float(c) for c in cosines]
     S = [float(s) for s in S]
@@ -151,9 +152,50 @@ def cosine_svg(cosines: Sequence[float], S: Sequence[float], band: tuple[float, 
                  f'y2="{frame.y(0):.2f}"/>')
     s_max = max(S) if S and max(S) > 0 else 1.0
     for k, (cos, sigma) in enumerate(zip(cosines, S)):
+        if not math.isfinite(cos):
+            continue
         color, where = (ABOVE, "above") if cos > hi else (BELOW, "below") if cos < lo else (INSIDE, "inside")
         radius = 1.8 + 3.2 * math.sqrt(max(sigma, 0.0) / s_max)
         parts.append(f'<circle class="dot {where}" data-k="{k}" data-value="{cos:.6f}" cx="{frame.x(k):.2f}" '
                      f'cy="{frame.y(cos):.2f}" r="{radius:.2f}" fill="{color}"><title>mode {k}: cos = {cos:+.3f}, '
                      f'σ = {sigma:.4g} ({where} the null band)</title></circle>')
     return _svg(parts, f"per-mode cosines of {len(cosines)} modes against the null band", "cosines")
+
+
+def distance_svg(distances: Sequence[float], curve: Sequence[float], band: tuple[float, float]) -> Markup:
+    """Weighted cosine C_h(|Δ|) of the offset-averaged form against the query–key distance (line
+    with dots), the null band of C_h shaded, 0 marked."""
+    xs, ys = [float(d) for d in distances], [float(c) for c in curve]
+    lo, hi = band
+    y_lo, y_hi = cosine_range(ys, band)
+    x_hi = max(xs[-1], 1.0) if xs else 1.0
+    width, height = _W - _LEFT - _RIGHT, _H - _TOP - _BOTTOM
+
+    def px(x: float) -> float:
+        return _LEFT + x / x_hi * width
+
+    def py(y: float) -> float:
+        return _TOP + (y_hi - y) / (y_hi - y_lo) * height
+
+    parts = [f'<rect class="band" x="{_LEFT}" y="{py(min(hi, y_hi)):.2f}" width="{width}" '
+             f'height="{py(max(lo, y_lo)) - py(min(hi, y_hi)):.2f}" fill="{BAND_FILL}">'
+             f'<title>null band of C_h [{lo:+.3f}, {hi:+.3f}]</title></rect>',
+             f'<line class="axis" x1="{_LEFT}" y1="{_TOP}" x2="{_LEFT}" y2="{_TOP + height}"/>',
+             f'<line class="axis" x1="{_LEFT}" y1="{_TOP + height}" x2="{_LEFT + width}" y2="{_TOP + height}"/>',
+             f'<line class="zero" x1="{_LEFT}" y1="{py(0):.2f}" x2="{_LEFT + width}" y2="{py(0):.2f}"/>']
+    for tick in nice_ticks(y_lo, y_hi, 5):
+        parts.append(f'<text class="tick" x="{_LEFT - 4}" y="{py(tick) + 3:.1f}" text-anchor="end">{_fmt(tick)}</text>')
+    for tick in nice_ticks(0.0, x_hi, 6):
+        parts.append(f'<text class="tick" x="{px(tick):.1f}" y="{_TOP + height + 12}" text-anchor="middle">'
+                     f'{_fmt(tick)}</text>')
+    parts.append('<polyline class="curve" fill="none" stroke="#444" stroke-width="1.4" points="'
+                 + " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xs, ys)) + '"/>')
+    for x, y in zip(xs, ys):
+        color = ABOVE if y > hi else BELOW if y < lo else INSIDE
+        parts.append(f'<circle class="dot" data-x="{x:.4g}" data-value="{y:.6f}" cx="{px(x):.2f}" cy="{py(y):.2f}" '
+                     f'r="2.6" fill="{color}"><title>|Δ| ≈ {x:.3g}: C = {y:+.3f}</title></circle>')
+    parts.append(f'<text class="label" x="{_LEFT + width / 2:.1f}" y="{_H - 4}" text-anchor="middle">'
+                 'query–key distance |Δ| (patches or tokens)</text>')
+    parts.append(f'<text class="label" transform="translate(11 {_TOP + height / 2:.1f}) rotate(-90)" '
+                 'text-anchor="middle">C_h(|Δ|)</text>')
+    return _svg(parts, f"weighted cosine against distance over {len(xs)} distance bins", "distance")

@@ -13,6 +13,7 @@ Every model's early-vs-late trend (:meth:`qkdissect.comparison.ComparedModel.tre
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -102,7 +103,7 @@ def compare_context(atlas: ModeAtlas, atlas_dir: str | None, sources: list[Compa
             figures.append((target, "comparison figure", f"From {entry.source} (qkdissect compare)."))
     figures = [{"src": f"img/{path.name}", "alt": alt, "caption": caption, "width": png_size(path)[0],
                 "height": png_size(path)[1]} for path, alt, caption in figures]
-    vmax = round_up(max([abs(v) for m in models for v in (*m.means, *m.band)] + [1e-3]))
+    vmax = round_up(max([abs(v) for m in models for v in (*m.means, *m.band) if math.isfinite(v)] + [1e-3]))
 
     def cell(value: float) -> dict[str, Any]:
         return {"value": value, "bg": diverging_color(value, vmax), "fg": text_color(value, vmax)}

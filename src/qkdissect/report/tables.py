@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from qkdissect.decomposition import ModeAtlas
 from qkdissect.report.assets import fmt, head_page_name, round_up
-from qkdissect.report.charts import cosine_svg, diverging_color, spectrum_svg, text_color
+from qkdissect.report.charts import cosine_svg, distance_svg, diverging_color, spectrum_svg, text_color
 
 __all__ = ["AtlasTables", "head_context", "heat_rows", "legend", "model_card"]
 
@@ -18,6 +19,8 @@ class AtlasTables:
     def __init__(self, atlas: ModeAtlas):
         self.atlas = atlas
         self.L, self.H, self.r = atlas.n_layers, atlas.n_heads, atlas.rank
+        self.heads = [atlas.heads_in(layer) for layer in range(self.L)]  # Swin: fewer heads in early stages
+        self.order = [(layer, head) for layer in range(self.L) for head in range(self.heads[layer])]
         self.S = atlas.singular_values.double().tolist()
         self.cos = atlas.cosines.double().tolist()
         self.C = atlas.weighted_cosines.double().tolist()
@@ -25,7 +28,7 @@ class AtlasTables:
         self.degenerate = atlas.degenerate.tolist()
         self.band = tuple(atlas.null.weighted_band)
         self.cos_band = tuple(atlas.null.cosine_band)
-        extreme = max(abs(v) for row in self.C for v in row)
+        extreme = max([abs(v) for row in self.C for v in row if math.isfinite(v)] + [0.0])
         self.vmax = round_up(max(extreme, abs(self.band[0]), abs(self.band[1]), 1e-3))
 
     def page(self, layer: int, head: int, prefix: str = "") -> str:
@@ -36,6 +39,11 @@ class AtlasTables:
 
     def in_null(self, value: float) -> bool:
         return self.band[0] <= value <= self.band[1]
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
 
 
 def model_card(atlas: ModeAtlas, atlas_dir: str | None) -> tuple[list, list]:
@@ -52,7 +60,10 @@ def model_card(atlas: ModeAtlas, atlas_dir: str | None) -> tuple[list, list]:
         ("d_model · d_head", f"{atlas.d_model} · {atlas.rank}"), ("attention scale", scale_text),
         ("prefix tokens", f"{len(prefix)}: {', '.join(map(str, prefix))}" if prefix else "none"),
         ("x̃ (what the modes act on)", meta.get("x_tilde")), ("LayerNorm folded", meta.get("ln_folded")),
+        ("attention forms", ", ".join(meta.get("attention_forms") or ["plain"])),
     ]
+    if atlas.ragged:
+        card.append(("d_model per layer", " ".join(str(d) for d in atlas.d_models)))
     pre = meta.get("preprocessing")
     if pre:
         size = pre.get("image_size")
@@ -86,12 +97,12 @@ def heat_rows(tables: AtlasTables) -> list[dict[str, Any]]:
     rows = []
     for layer in range(tables.L):
         cells = []
-        for head in range(tables.H):
+        for head in range(tables.heads[layer]):
             value = tables.C[layer][head]
             bg, fg = tables.color(value)
             cells.append({"head": head, "value": value, "bg": bg, "fg": fg, "in_null": tables.in_null(value),
                           "href": tables.page(layer, head, "heads/")})
-        mean = sum(tables.C[layer]) / tables.H
+        mean = _mean(tables.C[layer][:tables.heads[layer]])
         mean_bg, mean_fg = tables.color(mean)
         rows.append({"layer": layer, "cells": cells, "mean": mean, "mean_bg": mean_bg, "mean_fg": mean_fg})
     return rows
@@ -100,29 +111,34 @@ def heat_rows(tables: AtlasTables) -> list[dict[str, Any]]:
 def head_context(tables: AtlasTables, layer: int, head: int) -> dict[str, Any]:
     """Everything a head page shows, from the atlas tables (no tensors)."""
     S, cos, degenerate = tables.S[layer][head], tables.cos[layer][head], tables.degenerate[layer][head]
-    total = sum(S) or 1.0
+    defined = [math.isfinite(c) for c in cos]
+    total = sum(sigma for sigma, ok in zip(S, defined) if ok) or 1.0
     lo, hi = tables.cos_band
     flagged = {k for k, d in enumerate(degenerate) if d}
     modes, cumulative = [], 0.0
     for k, (sigma, c) in enumerate(zip(S, cos)):
-        cumulative += sigma / total
-        modes.append({"k": k, "sigma": sigma, "share": sigma / total, "cumulative": cumulative, "cos": c,
-                      "where": "above" if c > hi else "below" if c < lo else "inside",
+        share = sigma / total if defined[k] else 0.0
+        cumulative += share
+        modes.append({"k": k, "sigma": sigma, "share": share, "cumulative": cumulative, "cos": c,
+                      "where": "undefined" if not defined[k] else "above" if c > hi else "below" if c < lo
+                      else "inside",
                       "degenerate": k in flagged or (k - 1) in flagged,
                       "gap": (sigma - S[k + 1]) / (S[0] or 1.0) if k + 1 < len(S) else None})
     weighted = tables.C[layer][head]
     w_lo, w_hi = tables.band
-    verdict, verdict_class = (("above the null: attends to similar tokens", "above") if weighted > w_hi else
+    verdict, verdict_class = (("rank 0 (W_qᵀW_k = 0): no defined mode, left out of every statistic", "undefined")
+                              if not math.isfinite(weighted) else
+                              ("above the null: attends to similar tokens", "above") if weighted > w_hi else
                               ("below the null: attends to dissimilar tokens", "below") if weighted < w_lo else
                               ("inside the null band", ""))
-    L, H = tables.L, tables.H
-    index = layer * H + head
-    prev_url = tables.page(*divmod(index - 1, H)) if index > 0 else None
-    next_url = tables.page(*divmod(index + 1, H)) if index + 1 < L * H else None
-    up_url = tables.page(layer - 1, head) if layer > 0 else None
-    down_url = tables.page(layer + 1, head) if layer + 1 < L else None
+    L, order = tables.L, tables.order
+    index = order.index((layer, head))
+    prev_url = tables.page(*order[index - 1]) if index > 0 else None
+    next_url = tables.page(*order[index + 1]) if index + 1 < len(order) else None
+    up_url = tables.page(layer - 1, min(head, tables.heads[layer - 1] - 1)) if layer > 0 else None
+    down_url = tables.page(layer + 1, min(head, tables.heads[layer + 1] - 1)) if layer + 1 < L else None
     strip = []
-    for other in range(H):
+    for other in range(tables.heads[layer]):
         value = tables.C[layer][other]
         bg, fg = tables.color(value)
         strip.append({"head": other, "value": value, "bg": bg, "fg": fg, "here": other == head,
@@ -136,8 +152,40 @@ def head_context(tables: AtlasTables, layer: int, head: int) -> dict[str, Any]:
         "strip": strip, "weighted": weighted, "verdict": verdict, "verdict_class": verdict_class,
         "symmetric": tables.sym[layer][head], "sigma0": S[0], "stable_rank": sum(s * s for s in S) / (S[0] ** 2 or 1.0),
         "modes90": next((m["k"] + 1 for m in modes if m["cumulative"] >= 0.9 - 1e-12), len(modes)),
+        "n_defined": sum(defined), "rank0": not any(defined),
         "n_above": sum(m["where"] == "above" for m in modes), "n_below": sum(m["where"] == "below" for m in modes),
         "degenerate": [f"{k}–{k + 1}" for k in sorted(flagged)], "modes": modes,
         "spectrum_svg": spectrum_svg(S, sorted(flagged)), "cosine_svg": cosine_svg(cos, S, tables.cos_band),
         "mined": None, "mined_modes": (), "maps": None, "preference": None,
+        "form": form_context(tables, layer, head),
     }
+
+
+def form_context(tables: AtlasTables, layer: int, head: int) -> dict[str, Any] | None:
+    """What a head page shows about its layer's attention form: the kind and what is exact; for rotary heads
+    C_h(|Δ|), the offset-averaged form and the content/position split; for relative-bias heads the bias share."""
+    atlas = tables.atlas
+    form = atlas.layers[layer].form
+    if form is None:
+        return None
+    described = form.describe()
+    out: dict[str, Any] = {"kind": form.kind, "exact": described["exact"], "rotary": None, "bias": None,
+                           "qk_norm": None}
+    info = atlas.head(layer, head).positional or {}
+    band = atlas.null_for(layer).weighted_band
+    if "distance_curve" in info:
+        curve = info["distance_curve"]
+        rotary = described["rotary"]
+        out["rotary"] = {
+            "layout": rotary["layout"], "rotary_dim": rotary["rotary_dim"], "pairs": rotary["pairs"],
+            "coordinates": rotary.get("coordinates"), "per_head": rotary["per_head"],
+            "offset_average": info["offset_average"]["weighted_cosine"], "content_share": info["content_share"],
+            "position_share": info["position_share"],
+            "curve_svg": distance_svg(curve["distance"], curve["weighted_cosine"], band),
+            "near": curve["weighted_cosine"][0], "far": curve["weighted_cosine"][-1],
+            "far_distance": curve["distance"][-1]}
+    if "bias_share" in info:
+        out["bias"] = {"variance": info["bias_variance"], "share": info["bias_share"]}
+    if form.qk_norm is not None:
+        out["qk_norm"] = form.qk_norm.kind
+    return out

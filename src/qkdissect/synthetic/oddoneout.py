@@ -36,6 +36,7 @@ with [s_i, e_i) the source rows that patch row i covers (same for columns). Quer
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -98,6 +99,13 @@ def generate_oddoneout(out: str | os.PathLike, n: int, hw: tuple[int, int] = (22
     low, high = (objects, objects) if isinstance(objects, int) else objects
     if low < 2 or high < low:
         raise QKDissectError(f"objects must be ≥ 2 (a target and at least one distractor), got {objects}.")
+    largest = 1.6 * (radius if radius is not None else min(hw) / 14)  # a "size" target is 1.6 × the radius
+    if radius is not None and (not math.isfinite(radius) or radius <= 0 or 2 * (largest + 1) >= min(hw)):
+        raise QKDissectError(f"--radius {radius:g} px does not fit {hw[0]}×{hw[1]} px images (a larger target has "
+                             f"1.6 × the radius); use a radius in (0, {(min(hw) / 2 - 1) / 1.6:.1f}] px, smaller "
+                             "for many objects.")
+    if not (math.isfinite(noise) and noise >= 0):
+        raise QKDissectError(f"--noise must be a finite number ≥ 0, got {noise:g}.")
     from qkdissect.outputs import OutputFolder
 
     with OutputFolder(out, FORMAT, MANIFEST, noun="odd-one-out data set").claim(replace=overwrite,
@@ -124,6 +132,10 @@ def generate_oddoneout(out: str | os.PathLike, n: int, hw: tuple[int, int] = (22
                     "size": [int(hw[0]), int(hw[1])], "objects": [int(low), int(high)], "noise": float(noise),
                     "radius": radius, "n": int(n), "features": dict(sorted(features.items())),
                     "mask_encoding": "8-bit grey PNG, 255 = object pixel", "images": entries}
+        from qkdissect.formats import validated
+        from qkdissect.formats.synthetic import OddOneOutManifest
+
+        validated(OddOneOutManifest, manifest, Path(out) / MANIFEST, "this data set cannot be written")
         folder.finish(manifest)  # written last: a manifest means the set is complete
     return {**manifest, "files": read_manifest_files(out)}
 
@@ -136,16 +148,24 @@ def read_manifest_files(root: str | os.PathLike) -> list[str]:
 
 
 def _read_manifest(root: Path) -> dict[str, Any] | None:
+    """The validated manifest of a generated folder, None when there is none or it belongs to no qkdissect data
+    set (an O3 folder); one QKDissectError naming the field when it claims to be ours but is inconsistent."""
     import json
+
+    from qkdissect.formats import validated
+    from qkdissect.formats.synthetic import OddOneOutManifest
 
     path = root / MANIFEST
     if not path.is_file():
         return None
     try:
         document = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    return document if isinstance(document, dict) and document.get("format") == FORMAT else None
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        return None
+    validated(OddOneOutManifest, document, path, "generate the data set again with `qkdissect oddoneout`")
+    return document
 
 
 # ----- reading -----------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ Used by the odd-one-out data (``qkdissect oddoneout``) and by the embedded model
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,6 +98,9 @@ def place_objects(radii: list[float], hw: tuple[int, int], rng: np.random.Genera
     """Centres (row, col) for discs of ``radii`` inside the image, pairwise ≥ r_i + r_j + gap apart."""
     centres: list[tuple[float, float]] = []
     for radius in radii:
+        if not (math.isfinite(radius) and radius > 0) or 2 * (radius + 1) >= min(hw):
+            raise QKDissectError(f"an object of radius {radius:g} px does not fit into a {hw[0]}×{hw[1]} image; use "
+                                 f"a radius between 0 and {min(hw) / 2 - 1:g} px (smaller still for several objects).")
         for _ in range(tries):
             y = rng.uniform(radius + 1, hw[0] - radius - 1)
             x = rng.uniform(radius + 1, hw[1] - radius - 1)

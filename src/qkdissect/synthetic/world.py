@@ -287,11 +287,17 @@ def write_world_images(folder: str | os.PathLike, n: int, seed: int = 2, size: i
 def read_world_folder(folder: str | os.PathLike) -> dict[str, Any]:
     """Read ``world.json`` of a folder written by :func:`write_world_images` (with ``config`` as a
     WorldConfig and each image's ``path``); QKDissectError when it is missing or not a world folder."""
-    from qkdissect.files import read_json_document
+    from qkdissect.formats import read_document
+    from qkdissect.formats.synthetic import WorldDocument
 
-    data = read_json_document(Path(folder) / "world.json", missing=f"{folder} has no world.json, so it was not written by write_world_images",
-                              remedy="write the folder again", kind=WORLD_FORMAT)
-    data["config"] = WorldConfig.from_dict(data["config"])
+    data, _ = read_document(Path(folder) / "world.json", WorldDocument,
+                            missing=f"{folder} has no world.json, so it was not written by write_world_images",
+                            remedy="write the folder again", kind=WORLD_FORMAT, max_version=1, version_key="version")
+    try:
+        data["config"] = WorldConfig.from_dict(data["config"])
+    except (TypeError, KeyError, ValueError) as error:
+        raise QKDissectError(f"{Path(folder) / 'world.json'}: field config is not a world configuration ({error}); "
+                             "write the folder again.") from None
     for record in data["images"]:
         record["path"] = Path(folder) / record["file"]
     return data

@@ -14,13 +14,16 @@ from torch import Tensor
 
 from qkdissect.adapters.loading import LoadedModel, wrap_model
 from qkdissect.errors import QKDissectError
-from qkdissect.files import atomic_write, read_json_document
+from qkdissect.files import atomic_write
 from qkdissect.projection import (
     capture_attention_inputs,
     key_bias_logits,
     logit_variance_shares,
     mode_contributions,
     project,
+    qk_norm_factors,
+    residual_logits,
+    windows_to_grid,
 )
 
 __all__ = ["FORMAT_VERSION", "MAPS_FORMAT", "RANK_FORMAT", "HeadMaps", "ViewContext", "ViewInput", "check_head", "check_inputs", "forward_input", "head_maps", "iter_inputs", "model_meta", "prepare_view", "read_view_document", "safe_stem", "save_tensors", "scores_from_maps", "token_strings"]
@@ -57,7 +60,8 @@ def prepare_view(model: Any, atlas: Any = None) -> ViewContext:
     if atlas is None:
         atlas = dissect(loaded, dtype="float64", null_samples=64)
     layers = loaded.adapter.attention_layers()
-    if atlas.n_layers != len(layers) or atlas.n_heads != layers[0].n_heads or atlas.d_model != layers[0].d_model:
+    if atlas.n_layers != len(layers) or [atlas.heads_in(i) for i in range(atlas.n_layers)] != [
+            layer.n_heads for layer in layers] or list(atlas.d_models) != [layer.d_model for layer in layers]:
         raise QKDissectError(f"the atlas ({atlas.n_layers} layers × {atlas.n_heads} heads, d_model {atlas.d_model}) "
                              f"does not belong to this model ({len(layers)} × {layers[0].n_heads}, d_model "
                              f"{layers[0].d_model}); dissect this model or leave the atlas out.")
@@ -68,8 +72,8 @@ def check_head(atlas, layer: int, head: int | None = None, modes: Sequence[int] 
     """QKDissectError unless layer, head and modes exist in ``atlas``."""
     if not 0 <= layer < atlas.n_layers:
         raise QKDissectError(f"layer {layer} does not exist: the model has layers 0..{atlas.n_layers - 1}.")
-    if head is not None and not 0 <= head < atlas.n_heads:
-        raise QKDissectError(f"head {head} does not exist: each layer has heads 0..{atlas.n_heads - 1}.")
+    if head is not None and not 0 <= head < atlas.heads_in(layer):
+        raise QKDissectError(f"head {head} does not exist: layer {layer} has heads 0..{atlas.heads_in(layer) - 1}.")
     bad = [m for m in modes if not 0 <= m < atlas.rank]
     if bad:
         raise QKDissectError(f"modes {bad} do not exist: each head has modes 0..{atlas.rank - 1}.")
@@ -96,9 +100,16 @@ def scores_from_maps(q: Tensor, k: Tensor, mask: Tensor | None = None) -> tuple[
 class HeadMaps:
     """Query/key maps of ``modes`` of one head for a batch of inputs (all tokens, prefix included).
 
-    q, k: (B, m, N); contributions: (B, m, N, N) = scale·σ_k q_p k_p'; key_bias_logits (B, N);
-    mode_shares (B, r) over *all* modes of the head, bias_share and logit_variance (B,);
-    token_mask (B, N) valid tokens (text padding excluded) or None; grid (rows, cols) for images.
+    q, k: (B, m, N); contributions: (B, m, N, N) = scale·σ_k q_p k_p' (layers with another attention
+    form: their exact contributions, see ``qkdissect.projection.mode_contributions``); key_bias_logits
+    (B, N) for plain-bilinear layers, or residual_logits (B, N, N) — everything no mode carries
+    (offsets of rotated / normalised heads, relative bias) — for the others; mode_shares (B, r) over
+    *all* modes of the head, bias_share, relative_bias_share and logit_variance (B,); token_mask (B, N)
+    valid tokens (text padding excluded) or None; grid (rows, cols) for images; rho (B, 2, N) the
+    QK-norm factors ρ_q, ρ_k of every token (the maps q, k are already divided by them). Window layers
+    (Swin): q, k, rho are on the layer's own grid (window partition undone); contributions are
+    (B, m, n_windows, T_w, T_w) and residual_logits (B, n_windows, T_w, T_w) inside each window, whose
+    tokens sit at grid positions ``window_index``; shares are summed over an image's windows.
     """
 
     layer: int
@@ -107,13 +118,17 @@ class HeadMaps:
     q: Tensor
     k: Tensor
     contributions: Tensor
-    key_bias_logits: Tensor
+    key_bias_logits: Tensor | None
     mode_shares: Tensor
     bias_share: Tensor
     logit_variance: Tensor
     n_prefix: int
     grid: tuple[int, int] | None
     token_mask: Tensor | None = None
+    residual_logits: Tensor | None = None
+    relative_bias_share: Tensor | None = None
+    rho: Tensor | None = None  # (B, 2, N): QK-norm factors ρ_q, ρ_k of every token (None without a QK-norm)
+    window_index: Tensor | None = None  # window layers: (n_windows, T_w) grid index of each window token
 
     def score_mask(self) -> Tensor:
         """(B, N) tokens that count for scores: patch tokens (images) or valid tokens (text)."""
@@ -133,18 +148,41 @@ def head_maps(ctx: ViewContext, inputs: Any, layer: int, head: int, modes: Seque
     the maps of ``modes`` of head ``head`` of ``layer``."""
     atlas = ctx.atlas
     check_head(atlas, layer, head, modes)
+    form = atlas.layers[layer].form
+    windows = None if form is None else form.windows
     x = capture_attention_inputs(ctx.loaded, inputs, [layer])[layer]
-    q, k = project(atlas, layer, x)  # (B, H, N, r)
+    q, k = project(atlas, layer, x)  # (B, H, N, r); window layers: (B·n_windows, H, T_w, r)
     selected = list(modes)
+    if windows is not None:
+        token_mask = None  # images without prefix tokens: every grid token counts
     shares = logit_variance_shares(atlas, layer, x, token_mask)
+    plain = form is None
+    rho = None
+    if not plain and form.qk_norm is not None:
+        rho_q, rho_k = qk_norm_factors(atlas, layer, x)
+        rho = torch.stack([rho_q[:, head], rho_k[:, head]], dim=1)
+    q = q[:, head][..., selected].transpose(1, 2)
+    k = k[:, head][..., selected].transpose(1, 2)
+    contributions = mode_contributions(atlas, layer, x, head, selected)
+    residual = None if plain else residual_logits(atlas, layer, x, head)
+    grid = ctx.grid()
+    if windows is not None:
+        n_windows, T_w = windows.token_index.shape
+        q, k = windows_to_grid(q, windows), windows_to_grid(k, windows)
+        rho = None if rho is None else windows_to_grid(rho, windows)
+        contributions = contributions.reshape(-1, n_windows, len(selected), T_w, T_w).transpose(1, 2)
+        residual = residual.reshape(-1, n_windows, T_w, T_w)
+        grid = windows.grid
     return HeadMaps(
-        layer=layer, head=head, modes=tuple(selected),
-        q=q[:, head][..., selected].transpose(1, 2).cpu(), k=k[:, head][..., selected].transpose(1, 2).cpu(),
-        contributions=mode_contributions(atlas, layer, x, head, selected).cpu(),
-        key_bias_logits=key_bias_logits(atlas, layer, x, head).cpu(),
+        layer=layer, head=head, modes=tuple(selected), q=q.cpu(), k=k.cpu(), contributions=contributions.cpu(),
+        key_bias_logits=key_bias_logits(atlas, layer, x, head).cpu() if plain else None,
+        residual_logits=None if residual is None else residual.cpu(),
         mode_shares=shares.mode_shares[:, head].cpu(), bias_share=shares.bias_share[:, head].cpu(),
-        logit_variance=shares.logit_variance[:, head].cpu(), n_prefix=ctx.n_prefix, grid=ctx.grid(),
-        token_mask=None if token_mask is None else token_mask.cpu())
+        logit_variance=shares.logit_variance[:, head].cpu(), n_prefix=0 if windows is not None else ctx.n_prefix,
+        grid=grid, token_mask=None if token_mask is None else token_mask.cpu(),
+        relative_bias_share=None if shares.relative_bias_share is None else shares.relative_bias_share[:, head].cpu(),
+        rho=None if rho is None else rho.cpu(),
+        window_index=None if windows is None else windows.token_index.clone())
 
 
 @dataclass(frozen=True)
@@ -214,6 +252,7 @@ def model_meta(ctx: ViewContext) -> dict[str, Any]:
             "n_prefix_tokens": ctx.n_prefix, "grid": None if ctx.grid() is None else list(ctx.grid()),
             "preprocessing": None if preprocessing is None else preprocessing.to_dict(),
             "scale": ctx.atlas.scale, "n_layers": ctx.atlas.n_layers, "n_heads": ctx.atlas.n_heads,
+            "attention_forms": ctx.atlas.meta.get("attention_forms", ["plain"]),
             "rank": ctx.atlas.rank, "x_tilde": ctx.atlas.meta.get("x_tilde"), "versions": library_versions()}
 
 
@@ -224,6 +263,9 @@ def save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
     atomic_write(path, lambda p: save_file(data, str(p)))
 
 
-def read_view_document(path: Path, expected: str, command: str) -> dict[str, Any]:
-    return read_json_document(path, missing=f"not a folder written by `qkdissect {command}`",
-                              remedy=f"re-run `qkdissect {command}`", kind=expected, max_version=FORMAT_VERSION)
+def read_view_document(path: Path, expected: str, command: str, schema: Any) -> tuple[dict[str, Any], Any]:
+    """(document, validated schema) of a maps.json / rank.json (see :mod:`qkdissect.formats.views`)."""
+    from qkdissect.formats import read_document
+
+    return read_document(path, schema, missing=f"not a folder written by `qkdissect {command}`",
+                         remedy=f"re-run `qkdissect {command}`", kind=expected, max_version=FORMAT_VERSION)

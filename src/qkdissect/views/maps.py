@@ -69,6 +69,21 @@ def _mode_entries(ctx: ViewContext, maps: HeadMaps, row: int) -> list[dict[str, 
     return entries
 
 
+def _remainder(maps: HeadMaps, valid: Tensor | None) -> dict[str, Tensor]:
+    """key_bias_logits (N,) of a plain layer, or residual_logits (N, N) of a layer with another form; rho
+    (2, N) the per-token QK-norm factors ρ_q, ρ_k of a QK-norm layer."""
+    if maps.residual_logits is None:
+        values = maps.key_bias_logits[0]
+        return {"key_bias_logits": values if valid is None else values[valid]}
+    values = maps.residual_logits[0]
+    out = {"residual_logits": values if valid is None else values[valid][:, valid]}
+    if maps.rho is not None:
+        out["rho"] = maps.rho[0] if valid is None else maps.rho[0][:, valid]
+    if maps.window_index is not None:
+        out["window_index"] = maps.window_index
+    return out
+
+
 def _write_image_item(ctx: ViewContext, out: Path, item: ViewInput, maps: HeadMaps, signs: str) -> dict[str, Any]:
     from qkdissect.overlays import plot_mode_overlay
     from qkdissect.projection import split_tokens
@@ -80,7 +95,7 @@ def _write_image_item(ctx: ViewContext, out: Path, item: ViewInput, maps: HeadMa
     k_prefix, k_grid = split_tokens(maps.k[0], maps.n_prefix, maps.grid)
     save_tensors(folder / "maps.safetensors", {
         "q": q_grid, "k": k_grid, "q_prefix": q_prefix, "k_prefix": k_prefix,
-        "contributions": maps.contributions[0], "key_bias_logits": maps.key_bias_logits[0],
+        "contributions": maps.contributions[0], **_remainder(maps, None),
         "mode_shares": maps.mode_shares[0], "bias_share": maps.bias_share[0], "logit_variance": maps.logit_variance[0]})
     entries = _mode_entries(ctx, maps, 0)
     crop = np.asarray(item.crop)
@@ -111,8 +126,8 @@ def _write_text_item(ctx: ViewContext, out: Path, item: ViewInput, maps: HeadMap
     q, k = maps.q[0][:, valid], maps.k[0][:, valid]
     contributions = maps.contributions[0][:, valid][:, :, valid]
     save_tensors(folder / "maps.safetensors", {
-        "q": q, "k": k, "contributions": contributions, "input_ids": ids,
-        "key_bias_logits": maps.key_bias_logits[0][valid], "mode_shares": maps.mode_shares[0],
+        "q": q, "k": k, "contributions": contributions, "input_ids": ids, **_remainder(maps, valid),
+        "mode_shares": maps.mode_shares[0],
         "bias_share": maps.bias_share[0], "logit_variance": maps.logit_variance[0]})
     entries = _mode_entries(ctx, maps, 0)
     labels = [f"mode {e['mode']}\nσ={e['sigma']:.3g}\nshare {e['share']:.0%}" for e in entries]
@@ -147,6 +162,13 @@ def run_maps(ctx: ViewContext, out: str | os.PathLike, *, layer: int, head: int,
     if signs not in ("both", "best"):
         raise QKDissectError(f"signs must be 'both' or 'best', got {signs!r}.")
     check_head(ctx.atlas, layer, head, modes)
+    undefined = [m for m in modes if not bool(ctx.atlas.defined[layer, head, m])]
+    if undefined:
+        n_defined = int(ctx.atlas.head_ranks[layer, head])
+        raise QKDissectError(f"modes {undefined} of layer {layer} head {head} are undefined (σ_k ≤ "
+                             f"{ctx.atlas.undefined_tolerance:.2g}·σ_1: their u_k, v_k are arbitrary), so they have "
+                             "no map; " + (f"choose among modes 0..{n_defined - 1}." if n_defined else
+                                           "this head has rank 0 (W_qᵀW_k = 0): choose another head."))
     from qkdissect.outputs import OutputFolder
 
     with OutputFolder(out, MAPS_FORMAT, "maps.json").claim(replace=True) as folder:
@@ -166,7 +188,16 @@ def run_maps(ctx: ViewContext, out: str | os.PathLike, *, layer: int, head: int,
                 entries.append(_write_text_item(ctx, staging, item, maps))
             report(progress, "maps", done, total)
         atlas = ctx.atlas
-        document = {"format": MAPS_FORMAT, "format_version": FORMAT_VERSION, **model_meta(ctx), "layer": layer,
+        form = atlas.layers[layer].form
+        meta = model_meta(ctx)
+        meta.update({"layer_form": "plain" if form is None else form.kind,
+                     "qk_norm": form is not None and form.qk_norm is not None})
+        if form is not None and form.windows is not None:  # the maps live on this stage's grid
+            meta.update({"grid": list(form.windows.grid), "n_prefix_tokens": 0,
+                         "windows": {"window": list(form.windows.window), "shift": list(form.windows.shift),
+                                     "n_windows": form.windows.n_windows,
+                                     "window_tokens": form.windows.token_index.shape[1]}})
+        document = {"format": MAPS_FORMAT, "format_version": FORMAT_VERSION, **meta, "layer": layer,
                     "head": head, "modes": [{"mode": m, "sigma": float(atlas.layers[layer].S[head, m]),
                                              "cosine": float(atlas.cosines[layer, head, m])} for m in modes],
                     "signs": signs,
@@ -178,20 +209,24 @@ def run_maps(ctx: ViewContext, out: str | os.PathLike, *, layer: int, head: int,
 
 
 def load_maps(directory: str | os.PathLike) -> MapsResult:
-    """Read a folder written by ``qkdissect maps`` / :func:`run_maps`."""
+    """Read a folder written by ``qkdissect maps`` / :func:`run_maps`; one QKDissectError naming the file and the
+    field (or tensor) when it is incomplete or inconsistent (schema: :mod:`qkdissect.formats.views`)."""
     from safetensors.torch import load_file
 
+    from qkdissect.formats import check_shapes
+    from qkdissect.formats.views import MapsDocument, maps_tensor_shapes
+
     directory = Path(directory)
-    document = read_view_document(directory / "maps.json", MAPS_FORMAT, "maps")
+    document, checked = read_view_document(directory / "maps.json", MAPS_FORMAT, "maps", MapsDocument)
     items = []
-    for entry in document["items"]:
-        path = directory / entry["tensors"]
+    for entry, record in zip(document["items"], checked.items):
+        path = directory / record.tensors
         try:
             tensors = load_file(str(path))
         except Exception as error:  # noqa: BLE001 — missing or corrupt file
             raise QKDissectError(f"{path} is missing or corrupt ({type(error).__name__}); re-run `qkdissect maps`.") from None
-        items.append(MapsItem(entry["kind"], entry["source"], directory / entry["folder"], entry, tensors))
+        check_shapes(path, {k: tuple(v.shape) for k, v in tensors.items()}, maps_tensor_shapes(checked, record),
+                     remedy="re-run `qkdissect maps`")
+        items.append(MapsItem(record.kind, record.source, directory / record.folder, entry, tensors))
     meta = {k: v for k, v in document.items() if k not in ("items", "failed", "files")}
     return MapsResult(directory, meta, tuple(items), tuple(document.get("failed", [])))
-
-

@@ -42,30 +42,36 @@ class RankResult:
 
 
 RANK_COLUMNS = ("source", "layer", "head", "mode", "sigma", "cosine", "share", "explained_variance",
-                "head_logit_variance", "head_bias_share")
+                "head_logit_variance", "head_bias_share", "head_relative_bias_share")
 
 
 def rank_rows(ctx: ViewContext, inputs: Any, layers: Sequence[int], token_mask: Tensor | None = None) -> list[list[dict]]:
-    """Per input in the batch, one row per (layer, head, mode) with its variance share (unsorted)."""
+    """Per input in the batch, one row per (layer, head, defined mode) with its variance share (unsorted)."""
     atlas = ctx.atlas
     captured = capture_attention_inputs(ctx.loaded, inputs, layers)
     per_input: list[list[dict]] = []
     for layer in layers:
-        shares = logit_variance_shares(atlas, layer, captured[layer], token_mask)
+        form = atlas.layers[layer].form
+        windowed = form is not None and form.windows is not None  # windows of one image sum up; no prefix tokens
+        shares = logit_variance_shares(atlas, layer, captured[layer], None if windowed else token_mask)
         sigma, cosines = atlas.layers[layer].S.double(), atlas.cosines[layer].double()
         for b in range(shares.mode_shares.shape[0]):
             if len(per_input) <= b:
                 per_input.append([])
             variance = shares.logit_variance[b]
-            for head in range(atlas.n_heads):
+            relative = shares.relative_bias_share
+            for head in range(atlas.heads_in(layer)):
                 for mode in range(atlas.rank):
+                    if not bool(atlas.defined[layer, head, mode]):  # undefined modes are not ranked
+                        continue
                     share = float(shares.mode_shares[b, head, mode])
                     per_input[b].append({
                         "layer": layer, "head": head, "mode": mode, "sigma": float(sigma[head, mode]),
                         "cosine": float(cosines[head, mode]), "share": share,
                         "explained_variance": share * float(variance[head]),
                         "head_logit_variance": float(variance[head]),
-                        "head_bias_share": float(shares.bias_share[b, head])})
+                        "head_bias_share": float(shares.bias_share[b, head]),
+                        "head_relative_bias_share": None if relative is None else float(relative[b, head])})
     return per_input
 
 
@@ -125,20 +131,39 @@ def run_rank(ctx: ViewContext, out: str | os.PathLike, *, layers: Sequence[int],
         atomic_write(staging / "rank.csv", write_csv)
         folder.finish({"format": RANK_FORMAT, "format_version": FORMAT_VERSION, **model_meta(ctx),
                        "layers": list(layers), "by": by, "patches_only": patches_only,
-                       "share": "⟨C̄_k, L̄⟩/⟨L̄, L̄⟩ of logits centred over keys (sums to 1 with the key-bias share)",
+                       "share": "⟨C̄_k, L̄⟩/⟨L̄, L̄⟩ of logits centred over keys (sums to 1 with the key-bias share; for "
+                                "rotary, QK-norm, relative-bias and masked layers the exact logits, contributions "
+                                "and valid pairs)",
                        "items": items, "failed": failed})
     return load_rank(out)
 
 
 def load_rank(directory: str | os.PathLike) -> RankResult:
-    """Read a folder written by ``qkdissect rank`` / :func:`run_rank`."""
+    """Read a folder written by ``qkdissect rank`` / :func:`run_rank`; one QKDissectError naming the file and the
+    field (rank.csv: line and column) when it is incomplete or inconsistent (:mod:`qkdissect.formats.views`)."""
+    from qkdissect.formats import validated
+    from qkdissect.formats.views import RankDocument, RankRow
+
     directory = Path(directory)
-    document = read_view_document(directory / "rank.json", RANK_FORMAT, "rank")
+    document, _ = read_view_document(directory / "rank.json", RANK_FORMAT, "rank", RankDocument)
+    path = directory / "rank.csv"
     rows = []
-    with open(directory / "rank.csv", newline="") as handle:
-        for row in csv.DictReader(handle):
-            rows.append({k: (row[k] if k == "source" else int(row[k]) if k in ("layer", "head", "mode")
-                             else float(row[k])) for k in RANK_COLUMNS})
+    try:
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            if tuple(reader.fieldnames or ()) != RANK_COLUMNS:
+                raise QKDissectError(f"{path} has the columns {reader.fieldnames}, expected {list(RANK_COLUMNS)}; "
+                                     "re-run `qkdissect rank`.")
+            for line, row in enumerate(reader, start=2):
+                values = {k: (None if row[k] in ("", "nan") and k in ("cosine", "head_relative_bias_share") else row[k])
+                          for k in RANK_COLUMNS}
+                checked = validated(RankRow, values, f"{path} line {line}", "re-run `qkdissect rank`")
+                rows.append({"source": row["source"], **checked.model_dump(include=set(RANK_COLUMNS))})
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise QKDissectError(f"{path} is missing or unreadable ({type(error).__name__}); re-run `qkdissect rank`.") \
+            from None
+    for row in rows:
+        if row["cosine"] is None:
+            row["cosine"] = float("nan")
     meta = {k: v for k, v in document.items() if k not in ("items", "failed", "files")}
     return RankResult(directory, meta, tuple(document["items"]), tuple(rows), tuple(document.get("failed", [])))
-

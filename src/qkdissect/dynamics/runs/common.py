@@ -71,16 +71,25 @@ def jsonable(x: Any) -> Any:
 
 
 def write_results(out: Path, command: str, results: dict[str, Any]) -> dict[str, Any]:
-    """Write ``out/results.json`` (format tag, version, command, ``results``, versions); return what was written."""
+    """Write ``out/results.json`` (format tag, version, command, ``results``, versions), checked against
+    :class:`qkdissect.formats.dynamics.DynamicsDocument`; return what was written."""
+    from qkdissect.formats import validated
+    from qkdissect.formats.dynamics import DynamicsDocument
+
     data = jsonable({"format": FORMAT, "format_version": FORMAT_VERSION, "command": command, **results,
                      "versions": versions()})
+    validated(DynamicsDocument, data, out / "results.json", "this is a bug in qkdissect: please report it")
     text = json.dumps(data, indent=1, allow_nan=False)
     atomic_write(out / "results.json", lambda path: path.write_text(text))
     return data
 
 
 def load_results(folder: str | Path, command: str) -> dict[str, Any]:
-    """Read the results.json of a ``qkdissect dynamics COMMAND`` folder (QKDissectError if it is not one)."""
+    """Read the results.json of a ``qkdissect dynamics COMMAND`` folder; one QKDissectError naming the file and the
+    field if it is not one (schema: :mod:`qkdissect.formats.dynamics`)."""
+    from qkdissect.formats import read_document
+    from qkdissect.formats.dynamics import DynamicsDocument
+
     path = Path(folder) / "results.json"
     remedy = f"re-run `qkdissect dynamics {command}`"
     document = read_json_document(path, missing=f"{folder} is not a `qkdissect dynamics {command}` folder",
@@ -90,6 +99,8 @@ def load_results(folder: str | Path, command: str) -> dict[str, Any]:
             f"{path} is not the result of `qkdissect dynamics {command}` (format {document.get('format')!r}, "
             f"command {document.get('command')!r}); {remedy}."
         )
+    document, _ = read_document(path, DynamicsDocument, missing=f"{folder} is not a `qkdissect dynamics {command}` "
+                                "folder", remedy=remedy, max_version=FORMAT_VERSION)
     return document
 
 
