@@ -7,6 +7,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+if "QKDISSECT_CACHE_DIR" not in os.environ:  # never write into the user's cache from the tests
+    import tempfile
+
+    os.environ["QKDISSECT_CACHE_DIR"] = tempfile.mkdtemp(prefix="qkdissect-test-cache-")
 
 import pytest
 from helpers import make_hf, make_timm_vit

@@ -19,7 +19,8 @@ MAX_LINES = 550
 # Lower number = lower floor; a module may import modules on its own floor or below.
 FLOORS = {
     0: ("qkdissect._version", "qkdissect.errors", "qkdissect.progress", "qkdissect.files", "qkdissect.outputs",
-        "qkdissect.formats", "qkdissect.images", "qkdissect.factored", "qkdissect.forms", "qkdissect.plots",
+        "qkdissect.cache", "qkdissect.testpoints", "qkdissect.formats",
+        "qkdissect.images", "qkdissect.factored", "qkdissect.forms", "qkdissect.plots",
         "qkdissect.overlays"),
     1: ("qkdissect.metrics", "qkdissect.weights", "qkdissect.adapters", "qkdissect.atlas", "qkdissect.decomposition",
         "qkdissect.positional", "qkdissect.projection", "qkdissect.synthetic", "qkdissect.builtin"),

@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["atomic_write", "library_versions", "read_json_document", "timestamp", "write_json"]
+__all__ = ["atomic_write", "canonical_safetensors", "library_versions", "read_json_document", "safetensors_bytes",
+           "timestamp", "write_json"]
 
 
 def timestamp(pattern: str = "%Y-%m-%dT%H:%M:%S%z") -> str:
@@ -35,6 +36,27 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
     """Write ``data`` as indented JSON atomically."""
     text = json.dumps(data, indent=1, default=str)
     return atomic_write(path, lambda p: p.write_text(text))
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """A safetensors file with its JSON header written in sorted key order.
+
+    The safetensors library writes the ``__metadata__`` entries in hash order, which changes from process to
+    process; the same tensors and metadata then give different bytes. Re-ordering the header (tensor data and
+    offsets unchanged) makes the file a function of its content alone.
+    """
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + size:]
+
+
+def safetensors_bytes(tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> bytes:
+    """``safetensors.torch.save`` with the header in a fixed order (:func:`canonical_safetensors`)."""
+    from safetensors.torch import save
+
+    return canonical_safetensors(save(tensors, metadata=metadata))
 
 
 def read_json_document(path: str | os.PathLike, *, missing: str, remedy: str, kind: str | None = None,

@@ -76,35 +76,46 @@ def to_rgb8(image):
     return image.convert("RGB")
 
 
-def open_image(path: str | os.PathLike):
-    """Open ``path`` fully decoded as an 8-bit RGB PIL image, read faithfully (:func:`to_rgb8`), with its EXIF
-    orientation applied.
+def open_image(path: str | os.PathLike | bytes, *, name: str | None = None):
+    """Open an image fully decoded as an 8-bit RGB PIL image, read faithfully (:func:`to_rgb8`), with its EXIF
+    orientation applied: ``path`` is a file, or the encoded bytes of one (a WebDataset member, a Parquet cell)
+    named ``name`` in messages.
 
     Raises QKDissectError naming the reason for: a missing or zero-byte file, a file that is not an image, a
-    truncated image, a decompression bomb (more than 2 × PIL.Image.MAX_IMAGE_PIXELS pixels), pixel values whose
-    scale is unknown, an image smaller than MIN_IMAGE_SIDE pixels or with an aspect ratio beyond
-    MAX_ASPECT_RATIO.
+    truncated image, a decompression bomb (more than 2 × PIL.Image.MAX_IMAGE_PIXELS pixels, refused from the
+    header before decoding), pixel values whose scale is unknown, an image smaller than MIN_IMAGE_SIDE pixels or
+    with an aspect ratio beyond MAX_ASPECT_RATIO.
     """
+    import io
+
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    path = Path(path)
-    if not path.is_file():
-        raise QKDissectError(f"{path}: file not found.")
-    if path.stat().st_size == 0:
-        raise QKDissectError(f"{path}: empty file (0 bytes).")
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        label = name or "<bytes>"
+        if len(path) == 0:
+            raise QKDissectError(f"{label}: empty file (0 bytes).")
+        stream = io.BytesIO(path)
+    else:
+        path = Path(path)
+        label = str(path) if name is None else name
+        if not path.is_file():
+            raise QKDissectError(f"{label}: file not found.")
+        if path.stat().st_size == 0:
+            raise QKDissectError(f"{label}: empty file (0 bytes).")
+        stream = path
     try:
-        with Image.open(path) as image:
+        with Image.open(stream) as image:
             image.load()
             result = to_rgb8(ImageOps.exif_transpose(image) or image)
     except UnidentifiedImageError:
-        raise QKDissectError(f"{path}: not an image file (unrecognised format).") from None
+        raise QKDissectError(f"{label}: not an image file (unrecognised format).") from None
     except Image.DecompressionBombError as error:
-        raise QKDissectError(f"{path}: refused as a decompression bomb ({error}).") from None
+        raise QKDissectError(f"{label}: refused as a decompression bomb ({error}).") from None
     except (OSError, SyntaxError, ValueError, TypeError, KeyError, IndexError) as error:
-        raise QKDissectError(f"{path}: unreadable or truncated image ({error}).") from None
+        raise QKDissectError(f"{label}: unreadable or truncated image ({error}).") from None
     width, height = result.size
     if min(width, height) < MIN_IMAGE_SIDE:
-        raise QKDissectError(f"{path}: image too small ({width}×{height} pixels).")
+        raise QKDissectError(f"{label}: image too small ({width}×{height} pixels).")
     if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
-        raise QKDissectError(f"{path}: extreme aspect ratio ({width}×{height}); crop it first.")
+        raise QKDissectError(f"{label}: extreme aspect ratio ({width}×{height}); crop it first.")
     return result

@@ -8,7 +8,10 @@ For a head with M = W_qᵀ W_k = U diag(S) Vᵀ (U, V: d_model × r, orthonormal
 
 C_h = +1 when W_k = W_q (M positive semi-definite: tokens attend to similar tokens), −1 when
 W_k = −W_q. The null is computed by sampling heads whose W_q, W_k (d_head × d_model) are
-i.i.d. Gaussian — the model's exact shapes — not from a formula.
+i.i.d. Gaussian — the model's exact shapes — not from a formula; by default with an exact sampler
+of that distribution that costs O(d_head³) per head and never forms a d_model-sized matrix
+(:func:`_null_haar`), and cached per (shape, samples, seed, percentile) in the user cache
+(:mod:`qkdissect.cache`).
 """
 
 from __future__ import annotations
@@ -105,7 +108,9 @@ class NullReference:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["description"] = ("heads with i.i.d. Gaussian W_q, W_k of the model's shapes; central percentile "
-                               "band; 'factored' samples their QR factors exactly instead of the matrices")
+                               "band; 'factored' samples their QR factors exactly instead of the matrices, 'haar' the "
+                               "singular values of the r×r core and the cosines as the diagonal of a Haar frame's top "
+                               "block (same distribution)")
         return data
 
     @classmethod
@@ -159,26 +164,87 @@ def _null_factored(d_model: int, d_head: int, n: int, rng) -> tuple[Tensor, Tens
     return S, cos
 
 
+def _null_haar(d_model: int, d_head: int, n: int, rng) -> tuple[Tensor, Tensor]:
+    """Exact sampler of the same distribution with no SVD, eigendecomposition or d_model-sized matrix.
+
+    In :func:`_null_factored`, cos = diag(Aᵀ C B) with C = Q_qᵀ Q_k independent of (A, S, B) (Q and R of a
+    Gaussian matrix are independent). C is bi-orthogonally invariant (C ~ O₁ C O₂ for fixed orthogonal O₁, O₂,
+    because Q_q, Q_k are Haar), so Aᵀ C B has the distribution of C itself: the cosines are the diagonal of C,
+    independent of S. With Q_q = [I; 0] and Q_k = G R⁻¹ (G Gaussian d_model × d_head, R the Cholesky factor of
+    GᵀG = G_topᵀG_top + G_botᵀG_bot, G_botᵀG_bot ~ Wishart(d_model − d_head) drawn as Bartlett factors):
+
+        cos_k = (G_top R⁻¹)_kk,     S = singular values of R_q R_kᵀ = √eig(P Pᵀ), P = R_q R_kᵀ
+
+    Per head: three d_head³ products, one Cholesky factor, one triangular inverse and one symmetric eigenvalue
+    problem (values only). Needs d_model ≥ d_head.
+    """
+    R_q = torch.from_numpy(_bartlett(rng, n, d_head, d_model, upper=True))
+    R_k = torch.from_numpy(_bartlett(rng, n, d_head, d_model, upper=True))
+    P = R_q @ R_k.transpose(-1, -2)
+    S = torch.linalg.eigvalsh(P @ P.transpose(-1, -2)).clamp_min(0).sqrt().flip(-1)  # descending
+    G_top = torch.from_numpy(rng.standard_normal((n, d_head, d_head)))
+    rest = d_model - d_head
+    if rest >= d_head:
+        L = torch.from_numpy(_bartlett(rng, n, d_head, rest, upper=False))
+    else:  # a rank-deficient Wishart matrix: draw its Gaussian factor directly
+        L = torch.from_numpy(rng.standard_normal((n, d_head, rest)))
+    R = torch.linalg.cholesky(G_top.transpose(-1, -2) @ G_top + L @ L.transpose(-1, -2), upper=True)
+    identity = torch.eye(d_head, dtype=R.dtype).expand_as(R)
+    R_inv = torch.linalg.solve_triangular(R, identity, upper=True)
+    cos = (G_top * R_inv.transpose(-1, -2)).sum(-1)  # (G_top R⁻¹)_kk
+    return S, cos
+
+
+SAMPLERS = {"dense": _null_dense, "factored": _null_factored, "haar": _null_haar}
+
+
+NULL_SAMPLER_VERSION = 2  # bump whenever a sampler's output for a given seed changes (invalidates the cache)
+
+
 def gaussian_null(
     d_model: int, d_head: int, *, n_samples: int = 1000, percentile: float = 99.0, seed: int = 0,
-    method: str = "auto", chunk: int = 256,
+    method: str = "auto", chunk: int = 256, cache: bool | None = None,
 ) -> NullReference:
     """Sample ``n_samples`` heads with i.i.d. Gaussian W_q, W_k (d_head × d_model) and return the
     central ``percentile``% bands of per-mode and weighted cosines.
 
     method: "dense" draws the matrices and decomposes them; "factored" draws the exactly
-    equally distributed QR factors directly (fast, needs d_model ≥ 2·d_head); "auto" picks
-    "factored" when it applies. Deterministic for a given seed (float64).
+    equally distributed QR factors directly (needs d_model ≥ 2·d_head); "haar" draws the
+    singular values from the r × r core and the cosines as the diagonal of a Haar frame's top
+    block (:func:`_null_haar`: no SVD at all, the fastest; needs d_model ≥ d_head); "auto" picks
+    "haar" when d_model ≥ 2·d_head, else "dense". Deterministic for a given seed (float64).
+
+    ``cache``: read / write the result in the user cache (:mod:`qkdissect.cache`; None: unless
+    ``QKDISSECT_CACHE=0``). The result is a pure function of the arguments, so a cached band is
+    the band this call would compute.
     """
     if not 0 < percentile < 100:
         raise QKDissectError(f"null percentile must be in (0, 100), got {percentile}.")
     if n_samples < 10:
         raise QKDissectError(f"the null needs at least 10 samples, got {n_samples}.")
     if method == "auto":
-        method = "factored" if d_model >= 2 * d_head else "dense"
-    if method not in ("dense", "factored") or (method == "factored" and d_model < 2 * d_head):
-        raise QKDissectError(f"null method must be 'dense', 'auto' or 'factored' (d_model ≥ 2·d_head), got {method!r}.")
-    sampler = _null_factored if method == "factored" else _null_dense
+        method = "haar" if d_model >= 2 * d_head else "dense"
+    if method not in SAMPLERS or (method == "factored" and d_model < 2 * d_head) or \
+            (method == "haar" and d_model < d_head):
+        raise QKDissectError(f"null method must be 'dense', 'auto', 'haar' (d_model ≥ d_head) or 'factored' "
+                             f"(d_model ≥ 2·d_head), got {method!r}.")
+    from qkdissect.cache import cached_json
+
+    key = {"d_model": int(d_model), "d_head": int(d_head), "n_samples": int(n_samples), "seed": int(seed),
+           "percentile": float(percentile), "method": method, "chunk": int(chunk), "version": NULL_SAMPLER_VERSION,
+           "torch": torch.__version__.split("+")[0], "numpy": np.__version__}
+    bands = cached_json("null", key, lambda: _null_bands(d_model, d_head, n_samples, percentile, seed, method, chunk),
+                        use=cache)
+    return NullReference(
+        d_model=d_model, d_head=d_head, n_samples=n_samples, seed=seed, percentile=percentile,
+        cosine_band=tuple(bands["cosine_band"]), weighted_band=tuple(bands["weighted_band"]),
+        weighted_mean=float(bands["weighted_mean"]), weighted_std=float(bands["weighted_std"]), method=method,
+    )
+
+
+def _null_bands(d_model: int, d_head: int, n_samples: int, percentile: float, seed: int, method: str,
+                chunk: int) -> dict[str, Any]:
+    sampler = SAMPLERS[method]
     rng = np.random.default_rng(seed)
     cos_parts, weighted_parts = [], []
     for start in range(0, n_samples, chunk):
@@ -188,13 +254,8 @@ def gaussian_null(
     cosines, weighted = torch.cat(cos_parts), torch.cat(weighted_parts)
     tail = (100.0 - percentile) / 200.0
     qs = torch.tensor([tail, 1.0 - tail], dtype=torch.float64)
-    cos_lo, cos_hi = torch.quantile(cosines, qs).tolist()
-    w_lo, w_hi = torch.quantile(weighted, qs).tolist()
-    return NullReference(
-        d_model=d_model, d_head=d_head, n_samples=n_samples, seed=seed, percentile=percentile,
-        cosine_band=(cos_lo, cos_hi), weighted_band=(w_lo, w_hi),
-        weighted_mean=float(weighted.mean()), weighted_std=float(weighted.std()), method=method,
-    )
+    return {"cosine_band": torch.quantile(cosines, qs).tolist(), "weighted_band": torch.quantile(weighted, qs).tolist(),
+            "weighted_mean": float(weighted.mean()), "weighted_std": float(weighted.std())}
 
 
 def layer_statistics(weighted: Tensor, cosines: Tensor, symmetric: Tensor, null: NullReference) -> dict[str, Any]:

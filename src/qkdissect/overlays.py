@@ -9,6 +9,7 @@ composed with PIL directly, fast enough for thousands of sheets.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Sequence
@@ -21,8 +22,11 @@ from qkdissect.plots import new_figure, save_figure
 __all__ = [
     "QUERY_COLOR",
     "KEY_COLOR",
+    "bilinear_matrix",
     "contact_sheet",
     "display_size",
+    "encode_png",
+    "overlay_tiles",
     "draw_markers",
     "overlay_rgb",
     "plot_mode_overlay",
@@ -69,6 +73,69 @@ def overlay_rgb(image: np.ndarray, q_map: np.ndarray, k_map: np.ndarray, sign: i
     headroom = 255.0 - grey
     out = np.stack([grey + headroom * qn, grey + headroom * kn, grey + headroom * kn], axis=-1)
     return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """(n_out, n_in) float32 weights of bilinear interpolation, pixel-centre convention (edges clamped):
+    up = A_rows @ map @ A_colsᵀ upsamples a (rows, cols) map."""
+    centre = (np.arange(n_out, dtype=np.float64) + 0.5) * n_in / n_out - 0.5
+    centre = np.clip(centre, 0, n_in - 1)
+    low = np.floor(centre).astype(int)
+    high = np.minimum(low + 1, n_in - 1)
+    weight = centre - low
+    matrix = np.zeros((n_out, n_in), dtype=np.float64)
+    np.add.at(matrix, (np.arange(n_out), low), 1 - weight)
+    np.add.at(matrix, (np.arange(n_out), high), weight)
+    return matrix.astype(np.float32)
+
+
+def overlay_tiles(images: np.ndarray, q_maps: np.ndarray, k_maps: np.ndarray, sign: int = 1) -> np.ndarray:
+    """:func:`overlay_rgb` for a stack of same-sized tiles at once (numpy only, no per-tile Python work).
+
+    images: (n, H, W, 3) uint8; q_maps, k_maps: (n, rows, cols) raw projections. Same rule as
+    overlay_rgb: intensity from max(0, median) of sign·map (upsampled bilinearly) to its maximum.
+    """
+    n, height, width = images.shape[:3]
+    rows, cols = q_maps.shape[1:]
+    A_r, A_c = bilinear_matrix(height, rows), bilinear_matrix(width, cols)
+    maps = np.concatenate([q_maps, k_maps]).astype(np.float32) * sign  # (2n, rows, cols)
+    up = A_r @ maps @ A_c.T  # (2n, H, W)
+    flat = up.reshape(2 * n, -1)
+    low = np.maximum(np.median(flat, axis=1), 0.0)
+    high = flat.max(axis=1)
+    span = np.where(high > low, high - low, np.inf)
+    level = np.clip((up - low[:, None, None]) / span[:, None, None], 0.0, 1.0)
+    qn, kn = level[:n], level[n:]
+    grey = images.sum(axis=-1, dtype=np.uint16).astype(np.float32) * np.float32(0.45 / 3)
+    headroom = 255.0 - grey
+    out = np.empty(images.shape, dtype=np.uint8)
+    out[..., 0] = grey + headroom * qn  # values stay within [0, 255]: no clip needed
+    out[..., 1] = out[..., 2] = grey + headroom * kn
+    return out
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 -> PNG bytes: "Up" row filter (vectorised) and zlib level 1 — about twice as fast as
+    PIL's PNG writer at its fastest level, for the same size on contact sheets."""
+    import struct
+    import zlib
+
+    image = np.ascontiguousarray(image, dtype=np.uint8)
+    height, width, channels = image.shape
+    if channels != 3:
+        raise ValueError("encode_png writes RGB images")
+    filtered = np.empty((height, 1 + width * 3), dtype=np.uint8)
+    filtered[:, 0] = 2  # filter type Up
+    rows = image.reshape(height, -1)
+    filtered[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # uint8 arithmetic wraps modulo 256, as PNG wants
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(filtered.tobytes(), 1))
+            + chunk(b"IEND", b""))
 
 
 def display_size(image: np.ndarray, min_side: int = 224) -> np.ndarray:
@@ -197,6 +264,7 @@ def plot_rank_bars(labels: Sequence[str], shares: Sequence[float], path: str | o
     return save_figure(fig, path)
 
 
+@functools.lru_cache(maxsize=8)
 def _font(size: int):
     from PIL import ImageFont
 
@@ -226,7 +294,7 @@ def contact_sheet(tiles: Sequence, captions: Sequence[str], *, title: str, colum
     for index, (tile, caption) in enumerate(zip(tiles, captions)):
         row, col = divmod(index, columns)
         x, y = pad + col * (tile_size + pad), title_h + row * (cell_h + pad)
-        resized = tile.resize((tile_size, heights[index]))
+        resized = tile if tile.size == (tile_size, heights[index]) else tile.resize((tile_size, heights[index]))
         sheet.paste(resized, (x, y))
         for line_no, line in enumerate(caption.split("\n")[:2]):
             draw.text((x, y + heights[index] + 2 + 12 * line_no), line[:34], fill="black", font=small)

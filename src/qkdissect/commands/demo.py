@@ -84,10 +84,13 @@ def register(app: typer.Typer) -> None:
                      progress=progress)
 
         _step(4, steps, f"mine the top images of every mode over {n_world} images")
+        # contact sheets of the head of step 3 only: the report draws the top images of every head on its head
+        # pages from the stored maps (the other sheets: `qkdissect sheets DEMO/mined`)
         with progress_reporter({"mining": "mining images", "sheets": "contact sheets"}) as progress:
             try:
                 mine(loaded, world, out / "mined", top_k=6 if quick else 9, batch_size=32, atlas=atlas,
-                     sheet_modes=(0, 1) if quick else (0, 1, 2, 3), resume=True, progress=progress)
+                     sheet_modes=(0, 1) if quick else (0, 1, 2, 3), resume=True, sheets=[(0, head)],
+                     progress=progress)
             except QKDissectError as error:
                 raise QKDissectError(f"{error} ({out} holds a demo run with other settings: use another --out.)") \
                     from None
@@ -123,7 +126,8 @@ def register(app: typer.Typer) -> None:
         console.print(f"finished in {time.perf_counter() - started:.0f} s. Look at:\n"
                       f"  {result.index}   the HTML report (open it in a browser; works offline)\n"
                       f"  {out / 'atlas' / 'layer_similarity.png'}   similarity of query and key modes by layer\n"
-                      f"  {out / 'mined'}   top images of every mode (contact sheets)\n"
+                      f"  {out / 'mined'}   top images of every mode (on the report's head pages; contact sheets "
+                      f"of layer 0, head {head}; the others: qkdissect sheets {out / 'mined'})\n"
                       f"  {out / 'maps'}   query (red) / key (cyan) maps of layer 0, head {head}\n"
                       f"  {out / 'preference' / 'preference.png'}   same object / other objects / background by layer",
                       highlight=False)

@@ -1,4 +1,4 @@
-"""``qkdissect maps``, ``qkdissect rank`` and ``qkdissect mine``: image-level views of the modes."""
+"""``qkdissect maps``, ``qkdissect rank``, ``qkdissect mine`` and ``qkdissect sheets``: image-level views of the modes."""
 
 from __future__ import annotations
 
@@ -143,7 +143,14 @@ def register(app: typer.Typer) -> None:
     @guarded
     def mine(
         model: str = typer.Argument(..., help=MODEL_HELP),
-        images: Path = typer.Option(..., "--images", "-i", help="Image folder, read recursively in sorted order."),
+        images: str = typer.Option(..., "--images", "-i", help="An image folder (read recursively in sorted order), "
+                                   "a file list (.txt/.lst, or .csv/.tsv with a 'path' column), WebDataset .tar "
+                                   "shards ('shards/{000000..000099}.tar', one .tar, or a folder of them) or Parquet "
+                                   "files (one .parquet or a folder) with an image-bytes column."),
+        image_column: Optional[str] = typer.Option(None, help="Parquet: the column with the encoded images (binary, "
+                                                   "or a struct with 'bytes'; default: 'image' or the only binary "
+                                                   "column). WebDataset: the image member's extension (default: "
+                                                   "the first of jpg, jpeg, png, webp, bmp)."),
         out: Path = typer.Option(Path("mined"), "--out", "-o", help="Output folder."),
         top: int = typer.Option(9, "--top", "-k", help="Images kept per (layer, head, mode, sign)."),
         batch_size: int = typer.Option(32, help="Images per forward pass."),
@@ -153,30 +160,40 @@ def register(app: typer.Typer) -> None:
                                                      "sheets are drawn: e.g. 0-3, 'all' or 'none'. The others are "
                                                      "in mined.safetensors and can be drawn later "
                                                      "(qkdissect.mining.render_contact_sheet)."),
+        draw_sheets: bool = typer.Option(True, "--sheets/--no-sheets", help="Draw the contact sheets at the end "
+                                         "(--no-sheets: keep only the maps; `qkdissect sheets OUT` draws them later, "
+                                         "and the report draws its tiles from the maps either way)."),
         checkpoint_every: int = typer.Option(25, help="Write a checkpoint every N batches (atomic)."),
         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out (refused if the "
                                                             "model, image list or settings differ)."),
         device: str = typer.Option("cpu", help="cpu, cuda or cuda:N (under torchrun each rank uses cuda:LOCAL_RANK)."),
+        amp: str = typer.Option("none", help="Forward pass under autocast: bf16, fp16 or none (float32). The "
+                                             "projections onto the modes and the statistics stay float32 / exact."),
         checkpoint: Optional[Path] = typer.Option(None, help="Weights for the architecture named by MODEL."),
         random_init: bool = typer.Option(False, "--random-init", help="Random weights (seeded by --seed)."),
         seed: int = typer.Option(0, help="Seed for --random-init weights (so a resumed run gets the same model)."),
         atlas: Optional[Path] = typer.Option(None, help="Use this atlas folder instead of decomposing again."),
     ) -> None:
-        """Top images of every (layer, head, mode, sign) over an image folder, in one streaming pass.
+        """Top images of every (layer, head, mode, sign) over an image set, in one streaming pass.
 
         score± = max(0, max_p ±q_p)·max(0, max_p' ±k_p') over the patch tokens (q = u·x̃ query map,
         k = v·x̃ key map; sign − is the mode (−u, −v)); the top-k images, the patches of the maxima and running
         mean / std / extrema of q and k per mode are kept. One forward pass per batch gives all layers (hooks).
 
-        Bad files never stop the run: they are skipped, counted and listed with their reason in
-        bad_images.log and mined.json. Images are converted to RGB (grayscale, palette, RGBA); a file is
-        skipped when it is empty (0 bytes), not an image, truncated, smaller than 2 px on a side (a 1×1
-        image is skipped) or has an aspect ratio beyond 50:1 (a 1000×5 image is skipped).
+        Images: a folder, a file list, WebDataset shards or Parquet files, streamed without unpacking. Every
+        image keeps a stable id in images.txt: its relative path, the path as listed, <shard>#<key> or
+        <file>#<row>. Bad samples never stop the run: they are skipped, counted and listed with their reason
+        in bad_images.log and mined.json. Images are converted to RGB (grayscale, palette, RGBA); a sample is
+        skipped when it is empty (0 bytes), not an image, truncated, a decompression bomb, smaller than 2 px on
+        a side (a 1×1 image is skipped) or has an aspect ratio beyond 50:1 (a 1000×5 image is skipped); also a
+        shard sample without an image member, an empty Parquet cell, and the rest of a truncated shard.
 
         Checkpoints every N batches; a killed run continues with --resume and ends with exactly the result of an
-        uninterrupted run. Sharding: `torchrun --nproc_per_node N -m qkdissect mine ...` — each rank mines a
-        disjoint block of the sorted file list (gloo on CPU, nccl on GPU); rank 0 merges the exact top-k
-        states and writes the outputs.
+        uninterrupted run, bit for bit. Sharding: `torchrun --nproc_per_node N -m qkdissect mine ...` — each
+        rank mines a block of the shards / row groups / batches (gloo on CPU, nccl on GPU); rank 0 merges the
+        exact top-k states and writes the outputs. --resume works with another number of processes than the
+        interrupted run. Multi-node: run the same torchrun command on every node with --nnodes, --node-rank and
+        --rdzv-endpoint; --out must be on a file system all nodes share.
         """
         import os
 
@@ -204,7 +221,8 @@ def register(app: typer.Typer) -> None:
             result = run_mine(loaded, images, out, top_k=top, batch_size=batch_size, workers=workers,
                               layers=chosen_layers, sheet_modes=modes, checkpoint_every=checkpoint_every,
                               resume=resume, device=device, atlas=None if atlas is None else ModeAtlas.load(atlas),
-                              progress=progress if is_main else None)
+                              image_column=image_column, amp=None if amp.strip().lower() == "none" else amp,
+                              sheets=draw_sheets, progress=progress if is_main else None)
         if result is None:
             return
         meta = result.meta
@@ -213,8 +231,8 @@ def register(app: typer.Typer) -> None:
         for column in ("files", "processed", "skipped", "seconds", "images/s", "processes", "route"):
             table.add_column(column, justify="right")
         table.add_row(str(meta["n_images"]), str(meta["n_processed"]), str(meta["n_bad"]),
-                      f"{meta['mining_seconds']:.1f}", f"{meta['images_per_second']:.1f}", str(meta["world_size"]),
-                      ",".join(sorted(set(meta["routes"]))))
+                      f"{meta.get('mining_seconds', 0):.1f}", f"{meta.get('images_per_second', 0):.1f}",
+                      str(meta["world_size"]), ",".join(sorted(set(meta["routes"]))))
         console.print(table)
         if result.bad:
             bad = Table(title=f"{len(result.bad)} skipped file(s) (all in {out / 'bad_images.log'})")
@@ -236,3 +254,19 @@ def register(app: typer.Typer) -> None:
         console.print(strongest)
         console.print(f"wrote {out / 'mined.json'}, {out / 'mined.safetensors'}, {len(meta['sheets'])} contact "
                       f"sheets under {out / 'sheets'}")
+
+    @app.command()
+    @guarded
+    def sheets(
+        mined: Path = typer.Argument(..., help="A finished `qkdissect mine` folder."),
+        workers: int = typer.Option(2, help="Processes drawing the sheets (0 or 1: this process)."),
+    ) -> None:
+        """Draw the contact sheets a mining run does not have yet (mined with --no-sheets, or interrupted while
+        adding them) and record them in its mined.json. Only the run's own files are touched; a run killed
+        here is finished by running the command again."""
+        from qkdissect.mining import add_sheets, load_mined
+
+        with progress_reporter({"sheets": "contact sheets"}) as progress:
+            add_sheets(mined, workers=workers, progress=progress)
+        result = load_mined(mined)
+        console.print(f"{len(result.meta['sheets'])} contact sheets under {mined / 'sheets'}")

@@ -1,11 +1,12 @@
-"""``qkdissect-mined`` (mined.json + mined.safetensors + images.txt + sheets, written by ``mining.mine``), version 1.
+"""``qkdissect-mined`` (mined.json + mined.safetensors + images.txt + sheets, written by ``mining.mine``), version 2
+(version 1 folders are read too).
 
 mined.json: model, family, ``layers`` (the mined layer ids), ``n_heads``, ``rank``, ``top_k``, ``map_modes``,
-``grid`` [rows, cols], ``image_root``, ``n_images``, ``bad_images``, ``sheets``, ... mined.safetensors, with
+``grid`` [rows, cols], ``image_root``, ``n_images``, ``bad_images``, ``sheets``, (v2) ``source``, ... mined.safetensors, with
 L = len(layers), H = n_heads, r = rank, k = top_k, m = len(map_modes), P = rows·cols: topk.scores, topk.image,
 topk.query_pos, topk.key_pos (L, H, r, 2, k), topk.maps (L, H, m, 2, k, 2, P) when m > 0, stats.total,
 stats.squares, stats.maximum, stats.minimum (L, 2, H, r), stats.tokens and stats.images (). images.txt: n_images
-lines.
+lines (the id of every sample read).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from qkdissect.formats import Document, Strict
 
 __all__ = ["MINED_FORMAT", "MINED_VERSION", "MinedDocument", "mined_shapes"]
 
-MINED_FORMAT, MINED_VERSION = "qkdissect-mined", 1
+MINED_FORMAT, MINED_VERSION = "qkdissect-mined", 2
 
 
 class BadImage(Strict):

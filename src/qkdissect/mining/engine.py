@@ -21,6 +21,7 @@ top-k), because reductions that return indices are an order of magnitude slower 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -30,13 +31,15 @@ from torch import Tensor
 from qkdissect.adapters.loading import LoadedModel
 from qkdissect.errors import QKDissectError
 from qkdissect.forms.logits import norm_factors
-from qkdissect.mining.state import RunningStats, TopK, merge_stats, merge_topk
+from qkdissect.mining.state import RunningStats, TopK, fixed_sum, merge_stats, merge_topk, to_fixed
 from qkdissect.positional import head_vectors
 from qkdissect.projection import StopForward
+from qkdissect.testpoints import pause_point
 
-__all__ = ["LayerRoute", "MiningEngine"]
+__all__ = ["AMP_DTYPES", "LayerRoute", "MiningEngine"]
 
 ROUTE_TOLERANCE = 1e-4
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -107,12 +110,18 @@ class MiningEngine:
 
     ``map_modes``: modes whose raw maps are kept for the top images (contact sheets).
     ``stop_early``: skip the rest of the forward pass after the last mined layer's projections.
+    ``amp``: None, "bf16" or "fp16": the model's forward pass runs under autocast with that type; the
+    projections onto the modes, the reductions and the state stay float32 / float64 / exact.
     """
 
     def __init__(self, loaded: LoadedModel, atlas, layers: Sequence[int], *, top_k: int, map_modes: Sequence[int],
-                 grid: tuple[int, int], device: Any = "cpu", route: str = "auto", stop_early: bool = True):
+                 grid: tuple[int, int], device: Any = "cpu", route: str = "auto", stop_early: bool = True,
+                 amp: str | None = None):
         if route not in ("auto", "qk", "x"):
             raise QKDissectError(f"route must be auto, qk or x, got {route!r}.")
+        if amp not in (None, *AMP_DTYPES):
+            raise QKDissectError(f"--amp must be one of {', '.join(AMP_DTYPES)} (or none), got {amp!r}.")
+        self.amp = amp
         self.loaded, self.atlas, self.layers = loaded, atlas, list(layers)
         self.top_k, self.grid, self.device, self.stop_early = top_k, grid, torch.device(device), stop_early
         self.n_prefix = len(loaded.adapter.prefix_tokens)
@@ -152,7 +161,7 @@ class MiningEngine:
                                  f"{self.n_patches} patches.")
         P = P_full[..., n_prefix:]  # (2, H, r, B, patches): prefix tokens dropped
         maximum, minimum = P.amax(dim=-1), P.amin(dim=-1)  # (2, H, r, B)
-        total = P.sum(dim=-1).double()  # per image in float32 (n terms), across images in float64
+        total = P.sum(dim=-1).double()  # per image in float32 (n terms), across images exact (fixed point)
         squares = torch.linalg.vecdot(P, P).double()
         if offset is not None:  # max(P + t0) = max(P) + t0: the shift never touches the big tensor
             shift = offset[..., None]
@@ -160,6 +169,8 @@ class MiningEngine:
             shift = shift.double()
             squares = squares + 2 * shift * total + n * shift * shift
             total = total + n * shift
+        if slot == 0:
+            pause_point("forward")  # tests kill the process here, in the middle of a forward pass
         score_pos = maximum[0].clamp_min(0) * maximum[1].clamp_min(0)  # (H, r, B)
         score_neg = (-minimum[0]).clamp_min(0) * (-minimum[1]).clamp_min(0)
         scores = torch.nan_to_num(torch.stack([score_pos, score_neg], dim=2), nan=float("-inf"))  # (H, r, 2, B)
@@ -179,7 +190,8 @@ class MiningEngine:
                 maps.copy_(raw)
             maps = maps.permute(1, 2, 3, 4, 0, 5)
         out[slot] = (torch.gather(scores, -1, order), order, positions[0].int(), positions[1].int(), maps,
-                     total.sum(dim=-1), squares.sum(dim=-1), maximum.amax(dim=-1), minimum.amin(dim=-1))
+                     fixed_sum(to_fixed(total), dim=-2), fixed_sum(to_fixed(squares), dim=-2),
+                     maximum.amax(dim=-1), minimum.amin(dim=-1))
 
     def _hooks(self, out: dict[int, Any]) -> list[Any]:
         handles = []
@@ -206,7 +218,7 @@ class MiningEngine:
                         P_full = P_full / rho.permute(0, 2, 1, 3)[:, :, None].float()
                     self._reduce(slot, P_full, None, out)
                     finish()
-                handles.append(modules[route.layer].register_forward_pre_hook(pre_hook, with_kwargs=True))
+                handles.append(modules[route.layer].register_forward_pre_hook(self._exact(pre_hook), with_kwargs=True))
                 continue
             kind, first, second = self.loaded.adapter.qk_linears(route.layer)
             if kind == "fused":
@@ -217,7 +229,7 @@ class MiningEngine:
                     P_full = torch.bmm(route.T.reshape(2 * H, r, -1), X.float()).reshape(2, H, r, B, N)
                     self._reduce(slot, P_full, route.t0, out)
                     finish()
-                handles.append(first.register_forward_hook(fused_hook))
+                handles.append(first.register_forward_hook(self._exact(fused_hook)))
                 continue
             pending: dict[str, Tensor] = {}
 
@@ -237,18 +249,37 @@ class MiningEngine:
                 self._reduce(slot, P_full.reshape(2, H, r, B, N), route.t0, out)
                 finish()
 
-            handles.append(first.register_forward_hook(split_hook))
-            handles.append(second.register_forward_hook(
-                lambda m, a, o, hook=split_hook: hook(m, a, o, side="k")))
+            handles.append(first.register_forward_hook(self._exact(split_hook)))
+            handles.append(second.register_forward_hook(self._exact(
+                lambda m, a, o, hook=split_hook: hook(m, a, o, side="k"))))
         return handles
 
+    def _autocast(self):
+        """The forward pass's autocast context (``amp``), or nothing."""
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=AMP_DTYPES[self.amp])
+
+    def _exact(self, hook):
+        """``hook`` run with autocast switched off: the projections stay float32 under --amp."""
+        if self.amp is None:
+            return hook
+
+        def run(*args, **kwargs):
+            with torch.autocast(self.device.type, enabled=False):
+                return hook(*args, **kwargs)
+
+        return run
+
     def project_batch(self, pixels: Tensor) -> dict[int, Any]:
-        """One forward pass; {slot: (max, argmax, min, argmin, Σ, Σ², maps)} per mined layer."""
+        """One forward pass; {slot: (max, argmax, min, argmin, Σ, Σ², maps)} per mined layer.
+
+        ``pixels`` may be in pinned host memory: the copy to the device does not block."""
         out: dict[int, Any] = {}
         handles = self._hooks(out)
         try:
-            with torch.no_grad():
-                self.loaded.adapter.forward(pixels.to(self.device))
+            with torch.no_grad(), self._autocast():
+                self.loaded.adapter.forward(pixels.to(self.device, non_blocking=True))
         except StopForward:
             pass
         finally:
@@ -262,7 +293,7 @@ class MiningEngine:
     def candidates(self, reduced: dict[int, Any], image_index: Tensor) -> tuple[TopK, RunningStats]:
         """Stack per-layer reductions into candidates (L, H, r, 2, k') and batch statistics."""
         parts = [reduced[slot] for slot in range(len(self.routes))]
-        image_index = image_index.to(self.device)
+        image_index = image_index.to(self.device, non_blocking=True)
         topk = TopK(scores=torch.stack([p[0] for p in parts]).float(),
                     image=image_index[torch.stack([p[1] for p in parts])],
                     query_pos=torch.stack([p[2] for p in parts]), key_pos=torch.stack([p[3] for p in parts]),
@@ -281,6 +312,6 @@ class MiningEngine:
         return merge_topk(topk, candidates, self.map_modes), merge_stats(stats, batch_stats)
 
     def bare_forward(self, pixels: Tensor) -> None:
-        """The model's plain forward pass on the same batch (the benchmark's baseline)."""
-        with torch.no_grad():
-            self.loaded.adapter.forward(pixels.to(self.device))
+        """The model's plain forward pass on the same batch (the benchmark's baseline), with the same ``amp``."""
+        with torch.no_grad(), self._autocast():
+            self.loaded.adapter.forward(pixels.to(self.device, non_blocking=True))

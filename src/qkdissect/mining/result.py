@@ -18,10 +18,10 @@ from torch import Tensor
 from qkdissect.errors import QKDissectError
 from qkdissect.mining.state import TopK, state_from_tensors, stats_summary
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "MinedResult", "SCORE", "SIGN_FILES", "images_fingerprint", "tensors_digest", "load_mined",
-           "weights_fingerprint"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "Listing", "MinedResult", "SCORE", "SIGN_FILES", "images_fingerprint",
+           "load_mined", "tensors_digest", "weights_fingerprint"]
 
-FORMAT, FORMAT_VERSION = "qkdissect-mined", 1
+FORMAT, FORMAT_VERSION = "qkdissect-mined", 2  # 2: any image source (mined.json "source"), ids in images.txt
 SIGN_FILES = ("pos", "neg")
 SCORE = "score± = max(0, max_p ±q_p)·max(0, max_p' ±k_p') over patch tokens; q = u·x̃, k = v·x̃"
 
@@ -48,6 +48,52 @@ def images_fingerprint(root: Path, paths: Sequence[Path]) -> str:
     return h.hexdigest()
 
 
+class Listing(Sequence[str]):
+    """The lines of images.txt, read on demand: only the byte offset of each line is held in memory (8 bytes
+    per image), so a mining folder of millions of images loads in constant memory apart from that index."""
+
+    def __init__(self, path: Path):
+        import numpy as np
+
+        self.path = path
+        starts, position = [0], 0
+        with open(path, "rb") as stream:
+            while chunk := stream.read(1 << 22):
+                ends = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == 10) + position + 1
+                starts.extend(ends.tolist())
+                position += len(chunk)
+        if starts[-1] != position:  # a last line without a newline
+            starts.append(position + 1)
+        self._starts = np.asarray(starts, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._starts) - 1
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"image {index} out of range (0..{len(self) - 1})")
+        start, end = int(self._starts[index]), int(self._starts[index + 1])
+        with open(self.path, "rb") as stream:
+            stream.seek(start)
+            return stream.read(end - start).decode("utf-8").rstrip("\n")
+
+    def __iter__(self):
+        with open(self.path, encoding="utf-8") as stream:
+            for line in stream:
+                yield line.rstrip("\n")
+
+    def index(self, value: str, start: int = 0, stop: int | None = None) -> int:
+        for position, line in enumerate(self):
+            if position >= start and (stop is None or position < stop) and line == value:
+                return position
+        raise ValueError(f"{value!r} is not in {self.path}")
+
+
 @dataclass(frozen=True)
 class MinedResult:
     """A mining folder (see the module docstring). Tensors on CPU; ``layers`` are model layer ids
@@ -57,7 +103,7 @@ class MinedResult:
     meta: dict[str, Any]
     layers: tuple[int, ...]
     root: Path
-    image_paths: tuple[str, ...]
+    image_paths: Sequence[str]  # images.txt (a Listing: read on demand); topk.image indexes it
     topk: TopK
     stats: dict[str, Tensor]
     map_modes: tuple[int, ...]
@@ -69,9 +115,29 @@ class MinedResult:
             raise QKDissectError(f"layer {layer} was not mined; mined layers: {list(self.layers)}.")
         return self.layers.index(layer)
 
+    @property
+    def source(self) -> dict[str, Any]:
+        """Where the images came from (kind, root, list file, image column): what :class:`ImageReader` needs.
+        A folder's root is ``image_root`` (so a moved image folder is found by editing that one field)."""
+        source = dict(self.meta.get("source") or {"kind": "folder"})
+        if source.get("kind", "folder") == "folder":
+            source["root"] = str(self.root)
+        return source
+
+    def image_path(self, index: int) -> str:
+        """A file path for folders and lists; the id (``shard.tar#key``, ``file.parquet#row``) otherwise."""
+        ident = self.image_paths[index]
+        kind = self.source.get("kind", "folder")
+        if kind == "folder":
+            return str(self.root / ident)
+        if kind == "list":
+            base = Path(self.source.get("list_file", self.root)).parent
+            return ident if Path(ident).is_absolute() else str(base / ident)
+        return ident
+
     def top(self, layer: int, head: int, mode: int, sign: int | str = 0) -> list[dict[str, Any]]:
-        """The kept images of one (layer, head, mode, sign), best first: rank, image index, path,
-        score, query/key peak patch (row, col)."""
+        """The kept images of one (layer, head, mode, sign), best first: rank, image index, path
+        (see :meth:`image_path`), id (``relative_path``), score, query/key peak patch (row, col)."""
         s = {"+": 0, "-": 1, "−": 1}.get(sign, sign) if isinstance(sign, str) else int(sign)
         slot = self.layer_slot(layer)
         cols = self.grid[1]
@@ -82,7 +148,7 @@ class MinedResult:
             if index < 0 or score == float("-inf"):
                 continue
             q_pos, k_pos = int(self.topk.query_pos[slot, head, mode, s, rank]), int(self.topk.key_pos[slot, head, mode, s, rank])
-            rows.append({"rank": rank, "image": index, "path": str(self.root / self.image_paths[index]),
+            rows.append({"rank": rank, "image": index, "path": self.image_path(index),
                          "relative_path": self.image_paths[index], "score": score,
                          "query_patch": divmod(q_pos, cols), "key_patch": divmod(k_pos, cols),
                          "query_pos": q_pos, "key_pos": k_pos})
@@ -106,7 +172,7 @@ def load_mined(directory: str | os.PathLike) -> MinedResult:
     try:
         meta = json.loads(index.read_text())
         tensors = load_file(str(directory / "mined.safetensors"))
-        paths = (directory / "images.txt").read_text().splitlines()
+        paths = Listing(directory / "images.txt")
     except Exception as error:  # noqa: BLE001
         raise QKDissectError(f"{directory} is incomplete or corrupt ({type(error).__name__}: {error}); "
                              f"{remedy}.") from None
@@ -122,7 +188,7 @@ def load_mined(directory: str | os.PathLike) -> MinedResult:
                              f"{checked.n_images}; {remedy}.")
     topk, stats = state_from_tensors(tensors)
     return MinedResult(directory=directory, meta=meta, layers=tuple(checked.layers), root=Path(checked.image_root),
-                       image_paths=tuple(paths), topk=topk, stats={**stats_summary(stats), "tokens": stats.tokens,
+                       image_paths=paths, topk=topk, stats={**stats_summary(stats), "tokens": stats.tokens,
                                                                    "images": stats.images},
                        map_modes=tuple(checked.map_modes), grid=tuple(checked.grid),
                        bad=tuple((b.path, b.reason) for b in checked.bad_images))

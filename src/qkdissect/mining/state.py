@@ -13,6 +13,12 @@ m = modes whose maps are kept, P = patch tokens):
 Order within the k slots: score descending, ties broken by the smaller image index. Merging
 is therefore exact and associative: any split of the images into batches or shards, merged in
 any grouping, gives the same state as one pass.
+
+The sums of the running statistics are exact too: each image's sum over its patch tokens
+(float64) is rounded to a multiple of 2⁻²⁴ and accumulated as a 96-bit fixed-point integer held
+in two int64 limbs (hi, lo), so adding images, batches or whole shards in any order, on any
+number of processes, gives the same bits (:func:`to_fixed`, :func:`fixed_to_float`). The
+rounding (≤ 2⁻²⁵ per image) is far below float32 resolution of the values summed.
 """
 
 from __future__ import annotations
@@ -29,10 +35,42 @@ from torch import Tensor
 from qkdissect.errors import QKDissectError
 from qkdissect.files import atomic_write
 
-__all__ = ["RunningStats", "TopK", "empty_state", "load_checkpoint", "merge_stats", "merge_topk",
-           "save_checkpoint", "stats_summary"]
+__all__ = ["FIXED_BITS", "RunningStats", "TopK", "empty_state", "fixed_sum", "fixed_to_float", "load_checkpoint",
+           "merge_stats", "merge_topk", "save_checkpoint", "checkpoint_meta", "stats_summary", "to_fixed"]
 
 CHECKPOINT_FORMAT = "qkdissect-mining-checkpoint"
+FIXED_BITS = 24  # fraction bits of the fixed-point sums
+_LIMB = 32
+_MASK = (1 << _LIMB) - 1
+FIXED_LIMIT = 2.0 ** (62 - FIXED_BITS)  # |per-image sum| below this
+
+
+def to_fixed(values: Tensor) -> Tensor:
+    """float values (...,) -> exact fixed-point (..., 2) int64 limbs (hi, lo), value = (hi·2³² + lo)·2⁻²⁴,
+    0 ≤ lo < 2³². QKDissectError for values that are not finite or beyond ±2³⁸ (an overflow upstream)."""
+    values = values.double()
+    if not bool(torch.isfinite(values).all()) or bool((values.abs() >= FIXED_LIMIT).any()):
+        raise QKDissectError("mode projections are not finite or overflow (values beyond 2^38): the model's "
+                             "activations are out of range (with --amp fp16, use --amp bf16 or float32).")
+    n = torch.round(values * 2.0**FIXED_BITS).to(torch.int64)
+    return torch.stack([torch.bitwise_right_shift(n, _LIMB), torch.bitwise_and(n, _MASK)], dim=-1)
+
+
+def _normalise(limbs: Tensor) -> Tensor:
+    hi, lo = limbs[..., 0], limbs[..., 1]
+    carry = torch.bitwise_right_shift(lo, _LIMB)
+    return torch.stack([hi + carry, torch.bitwise_and(lo, _MASK)], dim=-1)
+
+
+def fixed_sum(limbs: Tensor, dim: int) -> Tensor:
+    """Exact sum of fixed-point numbers (..., 2) over ``dim`` (not the limb axis); normalised limbs. Exact for
+    up to 2³⁰ terms per call (lo limbs < 2³² each)."""
+    return _normalise(limbs.sum(dim=dim))
+
+
+def fixed_to_float(limbs: Tensor) -> Tensor:
+    """Fixed-point (..., 2) int64 -> float64 (...,): one rounding of the exact value."""
+    return limbs[..., 0].double() * 2.0 ** (_LIMB - FIXED_BITS) + limbs[..., 1].double() * 2.0**-FIXED_BITS
 
 
 @dataclass(frozen=True)
@@ -58,8 +96,9 @@ class TopK:
 class RunningStats:
     """Sums over every patch token of every image: index 0 of axis 1 is q, 1 is k.
 
-    total (L, 2, H, r) float64 Σ value; squares Σ value² (float64); maximum / minimum (L, 2, H, r)
-    float32; tokens, images: int64 scalars.
+    total Σ value and squares Σ value²: (L, 2, H, r, 2) int64 fixed-point limbs while mining (exact, see
+    the module docstring), (L, 2, H, r) float64 as read from a finished mining folder; maximum / minimum
+    (L, 2, H, r) float32; tokens, images: int64 scalars.
     """
 
     total: Tensor
@@ -86,8 +125,8 @@ def empty_state(n_layers: int, n_heads: int, rank: int, k: int, n_maps: int, n_p
               if n_maps else None))
     stat_shape = (n_layers, 2, n_heads, rank)
     stats = RunningStats(
-        total=torch.zeros(stat_shape, dtype=torch.float64, device=device),
-        squares=torch.zeros(stat_shape, dtype=torch.float64, device=device),
+        total=torch.zeros(*stat_shape, 2, dtype=torch.int64, device=device),
+        squares=torch.zeros(*stat_shape, 2, dtype=torch.int64, device=device),
         maximum=torch.full(stat_shape, float("-inf"), dtype=torch.float32, device=device),
         minimum=torch.full(stat_shape, float("inf"), dtype=torch.float32, device=device),
         tokens=torch.zeros((), dtype=torch.int64, device=device),
@@ -128,8 +167,10 @@ def merge_topk(state: TopK, candidates: TopK, map_modes: Tensor | None = None) -
 
 
 def merge_stats(a: RunningStats, b: RunningStats) -> RunningStats:
-    """Statistics of the union (sums add, extrema combine)."""
-    return RunningStats(total=a.total + b.total, squares=a.squares + b.squares,
+    """Statistics of the union (exact fixed-point sums add, extrema combine): associative and commutative."""
+    if a.total.dtype != torch.int64 or b.total.dtype != torch.int64:
+        raise QKDissectError("internal: merge_stats needs the fixed-point sums of a running state.")
+    return RunningStats(total=_normalise(a.total + b.total), squares=_normalise(a.squares + b.squares),
                         maximum=torch.maximum(a.maximum, b.maximum), minimum=torch.minimum(a.minimum, b.minimum),
                         tokens=a.tokens + b.tokens, images=a.images + b.images)
 
@@ -137,8 +178,9 @@ def merge_stats(a: RunningStats, b: RunningStats) -> RunningStats:
 def stats_summary(stats: RunningStats) -> dict[str, Tensor]:
     """Per (L, H, r): q_mean, q_std, k_mean, k_std, q_max, q_min, k_max, k_min over all patch tokens."""
     n = stats.tokens.double().clamp_min(1)
-    mean = stats.total / n
-    std = (stats.squares / n - mean * mean).clamp_min(0).sqrt()
+    total, squares = (fixed_to_float(t) if t.dtype == torch.int64 else t.double() for t in (stats.total, stats.squares))
+    mean = total / n
+    std = (squares / n - mean * mean).clamp_min(0).sqrt()
     out = {}
     for index, side in enumerate("qk"):
         out[f"{side}_mean"], out[f"{side}_std"] = mean[:, index], std[:, index]
@@ -146,10 +188,15 @@ def stats_summary(stats: RunningStats) -> dict[str, Tensor]:
     return out
 
 
-def state_tensors(topk: TopK, stats: RunningStats) -> dict[str, Tensor]:
-    """Flat name → tensor dict (CPU, contiguous) for safetensors."""
+def state_tensors(topk: TopK, stats: RunningStats, *, exact: bool = True) -> dict[str, Tensor]:
+    """Flat name → tensor dict (CPU, contiguous) for safetensors. ``exact``: keep the fixed-point sums (a
+    checkpoint); else write them as float64 (L, 2, H, r) (the documented mined.safetensors layout)."""
     tensors = {f"topk.{f.name}": getattr(topk, f.name) for f in fields(topk) if getattr(topk, f.name) is not None}
     tensors.update({f"stats.{f.name}": getattr(stats, f.name) for f in fields(stats)})
+    if not exact:
+        for name in ("stats.total", "stats.squares"):
+            if tensors[name].dtype == torch.int64:
+                tensors[name] = fixed_to_float(tensors[name])
     return {name: value.detach().cpu().contiguous() for name, value in tensors.items()}
 
 
@@ -167,11 +214,36 @@ def state_from_tensors(tensors: dict[str, Tensor]) -> tuple[TopK, RunningStats]:
 
 def save_checkpoint(path: str | os.PathLike, topk: TopK, stats: RunningStats, meta: dict[str, Any]) -> Path:
     """One safetensors file (state + JSON metadata), written atomically."""
-    from safetensors.torch import save_file
+    from qkdissect.files import safetensors_bytes
+    from qkdissect.testpoints import pause_point
 
-    tensors = state_tensors(topk, stats)
-    metadata = {"format": CHECKPOINT_FORMAT, "meta": json.dumps(meta, default=str)}
-    return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
+    data = safetensors_bytes(state_tensors(topk, stats),
+                             {"format": CHECKPOINT_FORMAT, "meta": json.dumps(meta, default=str)})
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(data)
+        pause_point("checkpoint")  # tests kill the process here: the file is written but not yet in place
+
+    return atomic_write(path, write)
+
+
+def checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON metadata of a checkpoint, without reading its tensors."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if metadata.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError("not a qkdissect mining checkpoint")
+        meta = json.loads(metadata["meta"])
+        if not isinstance(meta, dict):
+            raise ValueError("metadata is not a JSON object")
+        return meta
+    except Exception as error:  # noqa: BLE001 — truncated / foreign file
+        raise QKDissectError(f"checkpoint {path} is unreadable ({type(error).__name__}: {error}); delete the "
+                             "checkpoint folder and start again without --resume.") from None
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[TopK, RunningStats, dict[str, Any]]:

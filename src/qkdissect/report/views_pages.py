@@ -9,6 +9,8 @@ map (cyan) of that sign overlaid and rings at the maxima (the drawing code of
 :mod:`qkdissect.overlays`, the same as the mining contact sheets), captioned in HTML with rank, file
 name and score. Maps: the overlay figures of a maps folder are copied under ``img/maps/<n>/``.
 Copied and rendered files get generated names (never the user's file names), so every URL is plain.
+Mined images are read back from wherever they were mined — a folder, a file list, WebDataset shards or
+Parquet files (:class:`qkdissect.mining.readers.ImageReader`, one pass per shard / row group per head).
 """
 
 from __future__ import annotations
@@ -52,6 +54,10 @@ class MinedViews:
         self.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
         self.grid = tuple(mined.grid)
         self.modes = tuple(int(m) for m in mined.map_modes) if mined.topk.maps is not None else ()
+        from qkdissect.mining.readers import ImageReader
+
+        self.reader = ImageReader(mined.source)
+        self._payloads: dict[int, Any] = {}
         self._crops: OrderedDict[int, Any] = OrderedDict()
         self.n_tiles = 0
         self.missing: set[str] = set()
@@ -74,7 +80,9 @@ class MinedViews:
         meta = self.mined.meta
         return {"n_images": int(meta.get("n_processed", meta.get("n_images", 0))), "n_bad": int(meta.get("n_bad", 0)),
                 "root": str(meta.get("image_root", "?")), "top_k": self.mined.topk.k, "layers": list(self.mined.layers),
-                "map_modes": list(self.modes), "score": meta.get("score", "")}
+                "map_modes": list(self.modes), "score": meta.get("score", ""),
+                "sheets": len(meta.get("sheets", [])), "directory": str(self.mined.directory),
+                "all_sheets": len(self.mined.layers) * int(meta["n_heads"]) * len(self.mined.map_modes) * 2}
 
     # ----- tiles -------------------------------------------------------------------------------------------
     def _crop(self, index: int):
@@ -86,8 +94,14 @@ class MinedViews:
         if index in self._crops:
             self._crops.move_to_end(index)
             return self._crops[index]
+        ident = self.mined.image_paths[index]
+        payload = self._payloads.pop(index, None)
+        if payload is None:
+            payload = self.reader.read([ident])[ident]
         try:
-            crop = self.preprocessing.resize_and_crop(open_image(self.mined.root / self.mined.image_paths[index]))
+            if isinstance(payload, str):
+                raise QKDissectError(payload)
+            crop = self.preprocessing.resize_and_crop(open_image(payload, name=ident))
             factor = TILE / max(crop.size)
             crop = crop.resize((max(1, round(crop.size[0] * factor)), max(1, round(crop.size[1] * factor))),
                                Image.Resampling.BICUBIC)
@@ -118,6 +132,12 @@ class MinedViews:
         if layer not in self.mined.layers or not self.modes:
             return None
         slot = self.mined.layer_slot(layer)
+        kept = self.mined.topk.image[slot, head, list(self.modes)]  # (m, 2, k) of the modes drawn
+        wanted = {int(i) for i in kept.flatten().tolist() if i >= 0} - set(self._crops)
+        if wanted:  # one read per shard / row group for the whole head
+            idents = {index: self.mined.image_paths[index] for index in sorted(wanted)}
+            found = self.reader.read(idents.values())
+            self._payloads = {index: found[ident] for index, ident in idents.items()}
         folder = Path("mined") / f"L{layer:02d}" / f"H{head:02d}"
         (images / folder).mkdir(parents=True, exist_ok=True)
         modes = []
