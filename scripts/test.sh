@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install qkdissect with its test extras (and Debian's chromium for the browser tests), then run pytest.
+# Install qkdissect with its test extras (and Debian's chromium for the browser tests), run ruff, then pytest.
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -m slow` or `bash scripts/test.sh tests/test_metrics.py`.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -17,6 +17,9 @@ if ! command -v chromium >/dev/null 2>&1 && [ ! -x /usr/bin/chromium ]; then
   { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null; } \
     || echo "WARNING: could not install chromium; browser tests will be skipped"
 fi
+
+echo "ruff check (pyflakes, bugbear, import rules; config in pyproject.toml)"
+python -m ruff check src tests bench scripts || { echo "ruff check failed"; exit 1; }
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MPLBACKEND=Agg
 python -m pytest "$@"

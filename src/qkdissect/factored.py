@@ -7,15 +7,21 @@ M = (Q_q A) diag(S) (Q_k B)ᵀ. Cost O(d_model · d_head²) per head instead of 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from qkdissect.errors import QKDissectError
 
+if TYPE_CHECKING:
+    from jaxtyping import Float
+
 __all__ = ["factored_svd", "fix_signs", "trace_over_nuclear"]
 
 
-def fix_signs(U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
+def fix_signs(U: Float[Tensor, "*batch d_model r"], V: Float[Tensor, "*batch d_model r"]
+              ) -> tuple[Float[Tensor, "*batch d_model r"], Float[Tensor, "*batch d_model r"]]:
     """Flip each mode (u_k, v_k) ≡ (−u_k, −v_k) so that the largest-magnitude entry of u_k is positive.
 
     U, V: (..., d_model, r) -> the same shapes.
@@ -26,7 +32,8 @@ def fix_signs(U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
     return U * sign, V * sign
 
 
-def factored_svd(W_q: Tensor, W_k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def factored_svd(W_q: Float[Tensor, "*batch d_head d_model"], W_k: Float[Tensor, "*batch d_head d_model"]
+                 ) -> tuple[Float[Tensor, "*batch d_model r"], Float[Tensor, "*batch r"], Float[Tensor, "*batch d_model r"]]:
     """SVD of M = W_qᵀ W_k from its factors, batched over leading dimensions.
 
     W_q, W_k: (..., d_head, d_model). Returns U (..., d_model, r), S (..., r) descending,
@@ -42,7 +49,8 @@ def factored_svd(W_q: Tensor, W_k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return U, S, V
 
 
-def trace_over_nuclear(W_q: Tensor, W_k: Tensor) -> Tensor:
+def trace_over_nuclear(W_q: Float[Tensor, "*batch d_head d_model"], W_k: Float[Tensor, "*batch d_head d_model"]
+                       ) -> Float[Tensor, "*batch"]:
     """tr(W_qᵀW_k) / ‖W_qᵀW_k‖_*, from the factors. W_q, W_k: (..., d_head, d_model) -> (...).
 
     tr(W_qᵀ W_k) = Σ W_q ⊙ W_k; the nuclear norm is the sum of singular values of the small

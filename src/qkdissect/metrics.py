@@ -17,7 +17,7 @@ of that distribution that costs O(d_head³) per head and never forms a d_model-s
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from torch import Tensor
 
 from qkdissect.errors import QKDissectError
 from qkdissect.factored import factored_svd
+
+if TYPE_CHECKING:
+    from jaxtyping import Bool, Float
 
 __all__ = [
     "UNDEFINED_RTOL",
@@ -48,13 +51,14 @@ def undefined_tolerance(dtype: torch.dtype, d_model: int) -> float:
     return max(UNDEFINED_RTOL, d_model * torch.finfo(dtype).eps)
 
 
-def defined_modes(S: Tensor, tol: float) -> Tensor:
+def defined_modes(S: Float[Tensor, "*batch r"], tol: float) -> Bool[Tensor, "*batch r"]:
     """(..., r) bool: σ_k > tol·σ_1. Below that u_k, v_k are arbitrary (any basis of the null space), so the
     mode has no cosine, no map and no place in statistics. σ_1 = 0 (a head of rank 0): no mode is defined."""
     return S > tol * S[..., :1]
 
 
-def defined_weighted_cosine(S: Tensor, cosines: Tensor, defined: Tensor) -> Tensor:
+def defined_weighted_cosine(S: Float[Tensor, "*batch r"], cosines: Float[Tensor, "*batch r"],
+                            defined: Bool[Tensor, "*batch r"]) -> Float[Tensor, "*batch"]:
     """C = Σ_k σ_k cos_k / Σ_k σ_k over the defined modes only: (..., r) -> (...); NaN where none is defined."""
     weights = torch.where(defined, S, torch.zeros((), dtype=S.dtype))
     total = weights.sum(dim=-1)
@@ -63,18 +67,19 @@ def defined_weighted_cosine(S: Tensor, cosines: Tensor, defined: Tensor) -> Tens
                        torch.full_like(total, float("nan")))
 
 
-def mode_cosines(U: Tensor, V: Tensor) -> Tensor:
+def mode_cosines(U: Float[Tensor, "*batch d_model r"], V: Float[Tensor, "*batch d_model r"]) -> Float[Tensor, "*batch r"]:
     """cos_k = u_k·v_k. U, V: (..., d_model, r) -> (..., r)."""
     return (U * V).sum(dim=-2)
 
 
-def weighted_cosine(S: Tensor, cosines: Tensor) -> Tensor:
+def weighted_cosine(S: Float[Tensor, "*batch r"], cosines: Float[Tensor, "*batch r"]) -> Float[Tensor, "*batch"]:
     """C = Σ_k σ_k cos_k / Σ_k σ_k. S, cosines: (..., r) -> (...); 0 for an all-zero head."""
     total = S.sum(dim=-1)
     return torch.where(total > 0, (S * cosines).sum(dim=-1) / total.clamp_min(torch.finfo(S.dtype).tiny), 0.0)
 
 
-def symmetric_fraction(U: Tensor, S: Tensor, V: Tensor) -> Tensor:
+def symmetric_fraction(U: Float[Tensor, "*batch d_model r"], S: Float[Tensor, "*batch r"],
+                       V: Float[Tensor, "*batch d_model r"]) -> Float[Tensor, "*batch"]:
     """‖M_s‖_F² / ‖M‖_F² for M = U diag(S) Vᵀ, from the factors: (..., d_model, r) -> (...).
 
     ‖M‖_F² = Σσ², tr(M²) = tr(diag(S) G diag(S) G) with G = VᵀU (r × r).

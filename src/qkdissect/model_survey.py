@@ -152,62 +152,17 @@ def _slug(spec: str, taken: set[str]) -> str:
 
 
 # ----- survey.json ----------------------------------------------------------------------------------------------
-def _validate(document: Any, path: Path) -> dict[str, Any]:
-    """``document`` checked against the survey.json schema (pydantic); QKDissectError naming the field."""
-    from pydantic import BaseModel, ConfigDict, ValidationError
-
-    class Entry(BaseModel):
-        model_config = ConfigDict(extra="allow")
-        spec: str
-        label: str
-        status: Literal["done", "failed"]
-        reason: str = ""
-        atlas: str = ""
-        seconds: float = 0.0
-
-    class Planned(BaseModel):
-        spec: str
-        label: str
-
-    class Document(BaseModel):
-        model_config = ConfigDict(extra="allow")
-        format: Literal["qkdissect-survey"]
-        format_version: int
-        options: dict[str, Any]
-        planned: list[Planned] = []
-        models: list[Entry]
-
-    try:
-        parsed = Document.model_validate(document)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "document"
-        raise QKDissectError(f"{path} is not a readable survey ({where}: {first['msg']}); remove the folder or "
-                             "choose another --out.") from None
-    if parsed.format_version > FORMAT_VERSION:
-        raise QKDissectError(f"{path} has format version {parsed.format_version}, newer than this qkdissect reads "
-                             f"({FORMAT_VERSION}); upgrade qkdissect.")
-    for entry in parsed.models:
-        atlas = PurePosixPath(entry.atlas)
-        if entry.atlas and (atlas.is_absolute() or ".." in atlas.parts or atlas.parts[0] != "atlases"):
-            raise QKDissectError(f"{path}: model {entry.spec!r} has atlas {entry.atlas!r}, not a folder under "
-                                 "atlases/; qkdissect writes no such entry. Remove the folder or choose another --out.")
-    return document
-
-
 def load_survey(folder: str | os.PathLike) -> dict[str, Any]:
-    """The validated ``survey.json`` document of a survey folder; QKDissectError for anything else."""
-    import json
+    """The validated ``survey.json`` document of a survey folder (schema: :mod:`qkdissect.formats.survey`);
+    QKDissectError naming the file and the field for anything else."""
+    from qkdissect.formats import read_document
+    from qkdissect.formats.survey import SurveyDocument
 
-    path = Path(folder) / INDEX
-    if not path.is_file():
-        raise QKDissectError(f"{path} not found: {folder} is not a survey folder. Create one with "
-                             "`qkdissect survey --out DIR`.")
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise QKDissectError(f"{path} is corrupt ({error}); remove the folder or choose another --out.") from None
-    return _validate(document, path)
+    document, _ = read_document(Path(folder) / INDEX, SurveyDocument,
+                                missing=f"{folder} is not a survey folder",
+                                remedy="run `qkdissect survey --out DIR` into a new folder", kind=FORMAT,
+                                max_version=FORMAT_VERSION)
+    return document
 
 
 def _previous(out: Path) -> dict[str, Any] | None:

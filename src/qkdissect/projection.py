@@ -19,7 +19,7 @@ act on n = (x̃ − β) / γ, which :func:`atlas_input` computes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 from torch import Tensor
@@ -30,6 +30,11 @@ from qkdissect.forms.logits import additive_terms, norm_factors, normalise
 from qkdissect.forms.logits import valid_pairs as form_valid_pairs
 from qkdissect.forms.rotary import rotations, to_complex
 from qkdissect.positional import exact_layer_logits, head_vectors
+
+if TYPE_CHECKING:
+    from jaxtyping import Bool, Float
+
+    from qkdissect.atlas import ModeAtlas
 
 __all__ = [
     "LogitVarianceShares",
@@ -92,7 +97,7 @@ def capture_attention_inputs(
     return captured
 
 
-def atlas_input(atlas, layer: int, x: Tensor) -> Tensor:
+def atlas_input(atlas: ModeAtlas, layer: int, x: Float[Tensor, "batch tokens d_model"]) -> Float[Tensor, "batch tokens d_model"]:
     """The vector the atlas modes act on: x̃ itself, or n = (x̃ − β)/γ for a folded atlas."""
     x = x.to(atlas.layers[layer].U.dtype)
     if not atlas.meta.get("ln_folded"):
@@ -108,7 +113,8 @@ def atlas_input(atlas, layer: int, x: Tensor) -> Tensor:
     return x
 
 
-def project(atlas, layer: int, x: Tensor) -> tuple[Tensor, Tensor]:
+def project(atlas: ModeAtlas, layer: int, x: Float[Tensor, "batch tokens d_model"]
+            ) -> tuple[Float[Tensor, "batch heads tokens r"], Float[Tensor, "batch heads tokens r"]]:
     """Query and key maps of every mode of every head of ``layer``.
 
     x: captured x̃ (B, N, d_model) -> (q, k), each (B, heads, N, r): q = x̃·u_k, k = x̃·v_k. For a layer
@@ -128,7 +134,7 @@ def project(atlas, layer: int, x: Tensor) -> tuple[Tensor, Tensor]:
     return q, k
 
 
-def logits_from_modes(atlas, layer: int, x: Tensor) -> Tensor:
+def logits_from_modes(atlas: ModeAtlas, layer: int, x: Float[Tensor, "batch tokens d_model"]) -> Float[Tensor, "batch heads tokens tokens"]:
     """The model's logits of every head of ``layer`` rebuilt from the atlas, (B, heads, N, N).
 
     Plain layers: scale·(x̃_pᵀ U diag(S) Vᵀ x̃_p' + key_bias·x̃_p'), the model's logits up to per-query
@@ -155,7 +161,8 @@ def logits_from_modes(atlas, layer: int, x: Tensor) -> Tensor:
     return logits if extra is None else logits + extra
 
 
-def attention_from_modes(atlas, layer: int, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
+def attention_from_modes(atlas: ModeAtlas, layer: int, x: Float[Tensor, "batch tokens d_model"],
+                         key_mask: Bool[Tensor, "batch tokens"] | None = None) -> Float[Tensor, "batch heads tokens tokens"]:
     """softmax over keys of :func:`logits_from_modes`; ``key_mask`` (B, N) bool, False = masked key."""
     logits = logits_from_modes(atlas, layer, x)
     if key_mask is not None:
@@ -163,7 +170,8 @@ def attention_from_modes(atlas, layer: int, x: Tensor, key_mask: Tensor | None =
     return logits.softmax(dim=-1)
 
 
-def qk_norm_factors(atlas, layer: int, x: Tensor) -> tuple[Tensor, Tensor]:
+def qk_norm_factors(atlas: ModeAtlas, layer: int, x: Float[Tensor, "batch tokens d_model"]
+                    ) -> tuple[Float[Tensor, "batch heads tokens"], Float[Tensor, "batch heads tokens"]]:
     """Per-token QK-norm factors (ρ_q, ρ_k), each (B, heads, N): the std (LayerNorm), rms (RMSNorm)
     or norm (cosine attention) of each token's raw q and k that the layer divides by."""
     modes = atlas.layers[layer]
@@ -193,7 +201,8 @@ def split_tokens(values: Tensor, n_prefix: int, grid: tuple[int, int] | None = N
     return prefix, patches.reshape(*patches.shape[:-1], rows, cols)
 
 
-def mode_contributions(atlas, layer: int, x: Tensor, head: int, modes: Iterable[int] | None = None) -> Tensor:
+def mode_contributions(atlas: ModeAtlas, layer: int, x: Float[Tensor, "batch tokens d_model"], head: int,
+                       modes: Iterable[int] | None = None) -> Float[Tensor, "batch modes tokens tokens"]:
     """Contribution of each mode of one head to its logits, (B, m, N, N).
 
     Plain bilinear layers: C[b, k, p, p'] = s · σ_k · q[b, p, k] · k[b, p', k] (s the scale). Layers
@@ -206,14 +215,14 @@ def mode_contributions(atlas, layer: int, x: Tensor, head: int, modes: Iterable[
     return _contributions(atlas, layer, atlas_input(atlas, layer, x), head, selected)
 
 
-def _head_scale(atlas, layer: int, head: int) -> float:
+def _head_scale(atlas: ModeAtlas, layer: int, head: int) -> float:
     form = atlas.layers[layer].form
     if form is not None and form.head_scale is not None:
         return float(form.head_scale[head])
     return atlas.layer_scale(layer)
 
 
-def _contributions(atlas, layer: int, z: Tensor, head: int, selected: list[int]) -> Tensor:
+def _contributions(atlas: ModeAtlas, layer: int, z: Tensor, head: int, selected: list[int]) -> Tensor:
     modes_ = atlas.layers[layer]
     form, scale = modes_.form, _head_scale(atlas, layer, head)
     U = modes_.U[head][:, selected].to(z)
@@ -239,14 +248,14 @@ def _contributions(atlas, layer: int, z: Tensor, head: int, selected: list[int])
     return scale * coefficient.transpose(1, 2)[..., None] * inner
 
 
-def residual_logits(atlas, layer: int, x: Tensor, head: int) -> Tensor:
+def residual_logits(atlas: ModeAtlas, layer: int, x: Float[Tensor, "batch tokens d_model"], head: int) -> Float[Tensor, "batch tokens tokens"]:
     """The part of one head's logits that no mode carries, (B, N, N): the key-bias term (plain
     layers; the same for every query), query/key offsets of rotated and normalised heads, and the
     relative position bias. Masks are not included (see :func:`valid_pairs`)."""
     return _residual(atlas, layer, atlas_input(atlas, layer, x), head)
 
 
-def _residual(atlas, layer: int, z: Tensor, head: int) -> Tensor:
+def _residual(atlas: ModeAtlas, layer: int, z: Tensor, head: int) -> Tensor:
     modes_ = atlas.layers[layer]
     form = modes_.form
     if form is not None and form.needs_head_space:
@@ -259,13 +268,13 @@ def _residual(atlas, layer: int, z: Tensor, head: int) -> Tensor:
     return out
 
 
-def valid_pairs(atlas, layer: int, x: Tensor) -> Tensor | None:
+def valid_pairs(atlas: ModeAtlas, layer: int, x: Tensor) -> Tensor | None:
     """(B or 1, N, N) bool: the (query, key) pairs the layer lets attend (causal, sliding window,
     Swin's shift mask), None when all do. Padding is separate (``key_mask`` / ``token_mask``)."""
     return form_valid_pairs(atlas.layers[layer].form, x.shape[0], x.shape[1], x.device)
 
 
-def key_bias_logits(atlas, layer: int, x: Tensor, head: int) -> Tensor:
+def key_bias_logits(atlas: ModeAtlas, layer: int, x: Float[Tensor, "batch tokens d_model"], head: int) -> Float[Tensor, "batch tokens"]:
     """The key-salience part of one head's logits, scale · key_bias·x̃_p' (B, N): the same for every query.
 
     Only for layers without rotation or QK-norm; their remainder depends on the query too — use
@@ -278,7 +287,7 @@ def key_bias_logits(atlas, layer: int, x: Tensor, head: int) -> Tensor:
     return _head_scale(atlas, layer, head) * (z @ atlas.layers[layer].key_bias[head].to(z.device))
 
 
-def _mode_index(atlas, modes: Iterable[int] | None) -> list[int]:
+def _mode_index(atlas: ModeAtlas, modes: Iterable[int] | None) -> list[int]:
     if modes is None:
         return list(range(atlas.rank))
     selected = [int(m) for m in modes]
@@ -313,7 +322,8 @@ class LogitVarianceShares:
     relative_bias_share: Tensor | None = None
 
 
-def logit_variance_shares(atlas, layer: int, x: Tensor, token_mask: Tensor | None = None) -> LogitVarianceShares:
+def logit_variance_shares(atlas: ModeAtlas, layer: int, x: Float[Tensor, "batch tokens d_model"],
+                          token_mask: Bool[Tensor, "batch tokens"] | None = None) -> LogitVarianceShares:
     """Per-input share of each head's logit variance carried by each mode (see LogitVarianceShares).
 
     x: x̃ (B, N, d_model); token_mask (B, N) bool, False = a token left out both as query and as
@@ -356,7 +366,7 @@ def logit_variance_shares(atlas, layer: int, x: Tensor, token_mask: Tensor | Non
                                bias_share=torch.where(total > 0, bias / safe, 0.0), logit_variance=variance)
 
 
-def _exact_shares(atlas, layer: int, z: Tensor, token_mask: Tensor) -> LogitVarianceShares:
+def _exact_shares(atlas: ModeAtlas, layer: int, z: Tensor, token_mask: Tensor) -> LogitVarianceShares:
     """Dense O(r·N²) per head and input: the exact contributions of a layer with an attention form. Window
     layers (rows = B · n_windows windows) sum the inner products over the windows of each image."""
     B, N = z.shape[:2]

@@ -1,6 +1,6 @@
 """The file formats qkdissect writes and reads, one module per format, each a pydantic schema with its format tag
 and version: :mod:`.atlas`, :mod:`.compare`, :mod:`.views` (maps, rank), :mod:`.preference`, :mod:`.report`,
-:mod:`.synthetic` (odd-one-out manifest, world.json), :mod:`.mined`, :mod:`.dynamics`, :mod:`.demo`.
+:mod:`.synthetic` (odd-one-out manifest, world.json), :mod:`.mined`, :mod:`.dynamics`, :mod:`.demo`, :mod:`.survey`.
 
 Every reader goes through :func:`read_document` (file present, JSON object, format tag, version, then the schema)
 and checks its tensors with :func:`check_shapes`; a problem is one QKDissectError naming the file and the field.

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import Tensor
@@ -35,6 +35,9 @@ from qkdissect.mining.state import RunningStats, TopK, fixed_sum, merge_stats, m
 from qkdissect.positional import head_vectors
 from qkdissect.projection import StopForward
 from qkdissect.testpoints import pause_point
+
+if TYPE_CHECKING:
+    from qkdissect.atlas import ModeAtlas
 
 __all__ = ["AMP_DTYPES", "LayerRoute", "MiningEngine"]
 
@@ -59,7 +62,7 @@ class LayerRoute:
     norm: Any = None  # the atlas' LayerModes of a QK-norm layer (x route divides by ρ)
 
 
-def _affine(atlas, layer: int, d_model: int) -> tuple[Tensor, Tensor]:
+def _affine(atlas: ModeAtlas, layer: int, d_model: int) -> tuple[Tensor, Tensor]:
     """(a, c) with atlas_input(x̃) = a⊙x̃ + c, float64."""
     a, c = torch.ones(d_model, dtype=torch.float64), torch.zeros(d_model, dtype=torch.float64)
     modes = atlas.layers[layer]
@@ -71,7 +74,7 @@ def _affine(atlas, layer: int, d_model: int) -> tuple[Tensor, Tensor]:
     return a, c
 
 
-def build_route(loaded: LoadedModel, atlas, layer: int, raw, prefer: str = "auto") -> LayerRoute:
+def build_route(loaded: LoadedModel, atlas: ModeAtlas, layer: int, raw, prefer: str = "auto") -> LayerRoute:
     """The route for ``layer`` (see the module docstring); ``raw`` is the adapter's AttentionLayer."""
     modes = atlas.layers[layer]
     U, V = modes.U.double(), modes.V.double()  # (H, d, r)
@@ -114,7 +117,7 @@ class MiningEngine:
     projections onto the modes, the reductions and the state stay float32 / float64 / exact.
     """
 
-    def __init__(self, loaded: LoadedModel, atlas, layers: Sequence[int], *, top_k: int, map_modes: Sequence[int],
+    def __init__(self, loaded: LoadedModel, atlas: ModeAtlas, layers: Sequence[int], *, top_k: int, map_modes: Sequence[int],
                  grid: tuple[int, int], device: Any = "cpu", route: str = "auto", stop_early: bool = True,
                  amp: str | None = None):
         if route not in ("auto", "qk", "x"):

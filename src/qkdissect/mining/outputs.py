@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 
@@ -33,6 +33,9 @@ from qkdissect.mining.loader import UNIT_SHIFT
 from qkdissect.mining.result import FORMAT, FORMAT_VERSION
 from qkdissect.mining.state import RunningStats, TopK, state_tensors
 from qkdissect.outputs import OutputFolder, output_files
+
+if TYPE_CHECKING:
+    from qkdissect.atlas import ModeAtlas
 
 __all__ = ["MAX_BAD_IN_INDEX", "MiningFolder", "add_sheets", "save_atlas", "stage_results"]
 
@@ -189,7 +192,7 @@ def stage_results(folder: MiningFolder, listings: Iterable[tuple[str, int]], top
     return topk, meta
 
 
-def save_atlas(atlas, folder: Path) -> None:
+def save_atlas(atlas: ModeAtlas, folder: Path) -> None:
     """``atlas.save(folder)`` with the safetensors header in a fixed order, so that the file is the same bytes in
     every process (a resumed run writes it again)."""
     from qkdissect.files import canonical_safetensors

@@ -12,7 +12,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
@@ -50,6 +50,9 @@ from qkdissect.mining.state import (
     state_from_tensors,
     state_tensors,
 )
+
+if TYPE_CHECKING:
+    from qkdissect.atlas import ModeAtlas
 
 __all__ = ["CRASH_HOOK", "mine"]
 
@@ -245,7 +248,7 @@ def _staged_result(folder: MiningFolder, meta: dict[str, Any]) -> MinedResult:
 class _Run:
     """The state of one process of one mining run (see :func:`mine`)."""
 
-    def __init__(self, loaded, atlas, source: ImageSource, folder: MiningFolder, fingerprint, layers, map_modes,
+    def __init__(self, loaded, atlas: ModeAtlas, source: ImageSource, folder: MiningFolder, fingerprint, layers, map_modes,
                  grid, top_k, batch_size, rank, world, device):
         self.loaded, self.atlas, self.source, self.folder = loaded, atlas, source, folder
         self.fingerprint, self.layers, self.map_modes, self.grid = fingerprint, layers, map_modes, grid

@@ -3,7 +3,7 @@ their shares over same object / other objects / background."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import Tensor
@@ -12,6 +12,9 @@ from qkdissect.adapters.base import AttentionLayer
 from qkdissect.errors import QKDissectError
 from qkdissect.forms.logits import layer_logits
 from qkdissect.projection import atlas_input, mode_contributions, project, residual_logits, valid_pairs
+
+if TYPE_CHECKING:
+    from qkdissect.atlas import ModeAtlas
 
 __all__ = ["attention_rows", "attention_rows_from_modes", "attention_shares"]
 
@@ -44,7 +47,7 @@ def attention_rows(layer: AttentionLayer, x: Tensor, tokens: Tensor) -> Tensor:
     return (layer.scale * torch.einsum("bhqe,bhne->bhqn", q, k)).softmax(dim=-1)
 
 
-def attention_rows_from_modes(atlas, layer: int, x: Tensor, tokens: Tensor,
+def attention_rows_from_modes(atlas: ModeAtlas, layer: int, x: Tensor, tokens: Tensor,
                               n_modes: Sequence[int | None] = (None,)) -> Tensor:
     """Attention rows predicted from the leading modes of each head.
 
@@ -69,7 +72,7 @@ def attention_rows_from_modes(atlas, layer: int, x: Tensor, tokens: Tensor,
     return torch.stack(rows)
 
 
-def _rows_from_form(atlas, layer: int, x: Tensor, tokens: Tensor, n_modes: Sequence[int | None]) -> Tensor:
+def _rows_from_form(atlas: ModeAtlas, layer: int, x: Tensor, tokens: Tensor, n_modes: Sequence[int | None]) -> Tensor:
     B, N = x.shape[:2]
     allowed = valid_pairs(atlas, layer, x)
     index = tokens[:, None, :, None].expand(-1, 1, -1, N)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -37,10 +37,13 @@ from qkdissect.synthetic.oddoneout import (
     read_o3_folder,
 )
 
+if TYPE_CHECKING:
+    from qkdissect.atlas import ModeAtlas
+
 __all__ = ["run_preference"]
 
 
-def run_preference(model: Any, data: str | os.PathLike | O3Folder, *, atlas=None, top_modes: Sequence[int] = (1, 2, 4),
+def run_preference(model: Any, data: str | os.PathLike | O3Folder, *, atlas: ModeAtlas | None = None, top_modes: Sequence[int] = (1, 2, 4),
                    threshold: float = 0.25, batch_size: int = 16, layers: Sequence[int] | None = None,
                    n_boot: int = 1000, confidence: float = 0.95, seed: int = 0, limit: int | None = None,
                    progress: ProgressFn | None = None) -> PreferenceResult:

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from qkdissect.preference import CATEGORIES, QUERIES, VARIANTS
 from qkdissect.report.charts import diverging_color, text_color
+
+if TYPE_CHECKING:
+    from qkdissect.atlas import ModeAtlas
 
 __all__ = ["head_preference", "preference_context", "preference_mismatch"]
 
@@ -25,7 +28,7 @@ CATEGORY_LABELS = {"target": ("same object (target)", "other objects", "backgrou
                    "distractor": ("same object (that distractor)", "other objects", "background")}
 
 
-def preference_mismatch(result, atlas) -> str | None:
+def preference_mismatch(result, atlas: ModeAtlas) -> str | None:
     """A sentence when the preference result cannot belong to this atlas's model (other shape), else None."""
     meta = result.meta
     shape = (meta.get("n_layers"), meta.get("n_heads"))
@@ -91,7 +94,7 @@ def _head_grid(result, page_of, n_heads: int) -> dict[str, Any]:
     return {"rows": rows, "vmax": 2 ** vmax, "n_heads": min(n_heads, curve.shape[1])}
 
 
-def preference_context(result, atlas, images: Path, page_of) -> dict[str, Any]:
+def preference_context(result, atlas: ModeAtlas, images: Path, page_of) -> dict[str, Any]:
     """Template context of preference.html; regenerates the two figures into ``images``.
 
     ``page_of(layer, head)`` gives the relative URL of a head page from the report root.

@@ -19,9 +19,12 @@ import json
 import shutil
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qkdissect.errors import QKDissectError
+
+if TYPE_CHECKING:
+    from qkdissect.atlas import ModeAtlas
 
 __all__ = ["MapsViews", "MinedViews"]
 
@@ -39,7 +42,7 @@ def _check_sigmas(ours: list[float], theirs: list[float], what: str, fix: str) -
 class MinedViews:
     """Top images of one mining folder, rendered lazily per head (tiles are written as pages are)."""
 
-    def __init__(self, mined, atlas):
+    def __init__(self, mined, atlas: ModeAtlas):
         self.mined = mined
         meta = mined.meta
         if (int(meta["n_heads"]), int(meta["rank"])) != (atlas.n_heads, atlas.rank) or \
@@ -62,7 +65,7 @@ class MinedViews:
         self.n_tiles = 0
         self.missing: set[str] = set()
 
-    def _check_modes(self, atlas) -> None:
+    def _check_modes(self, atlas: ModeAtlas) -> None:
         path = self.mined.directory / "atlas" / "atlas.json"
         if not path.is_file():
             return
@@ -165,7 +168,7 @@ class MinedViews:
 class MapsViews:
     """Per-image maps folders (one (layer, head) each), copied into the report."""
 
-    def __init__(self, results, atlas):
+    def __init__(self, results, atlas: ModeAtlas):
         self.by_head: dict[tuple[int, int], list[tuple[int, Any]]] = {}
         for number, result in enumerate(results):
             meta = result.meta

@@ -7,7 +7,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -26,6 +26,9 @@ from qkdissect.projection import (
     windows_to_grid,
 )
 
+if TYPE_CHECKING:
+    from qkdissect.atlas import ModeAtlas
+
 __all__ = ["FORMAT_VERSION", "MAPS_FORMAT", "RANK_FORMAT", "HeadMaps", "ViewContext", "ViewInput", "check_head", "check_inputs", "forward_input", "head_maps", "iter_inputs", "model_meta", "prepare_view", "read_view_document", "safe_stem", "save_tensors", "scores_from_maps", "token_strings"]
 
 MAPS_FORMAT, RANK_FORMAT, FORMAT_VERSION = "qkdissect-maps", "qkdissect-rank", 1
@@ -36,7 +39,7 @@ class ViewContext:
     """A model with its adapter, the atlas of its modes and the token layout."""
 
     loaded: LoadedModel
-    atlas: Any  # ModeAtlas
+    atlas: ModeAtlas
 
     @property
     def n_prefix(self) -> int:
@@ -68,7 +71,7 @@ def prepare_view(model: Any, atlas: Any = None) -> ViewContext:
     return ViewContext(loaded, atlas)
 
 
-def check_head(atlas, layer: int, head: int | None = None, modes: Sequence[int] = ()) -> None:
+def check_head(atlas: ModeAtlas, layer: int, head: int | None = None, modes: Sequence[int] = ()) -> None:
     """QKDissectError unless layer, head and modes exist in ``atlas``."""
     if not 0 <= layer < atlas.n_layers:
         raise QKDissectError(f"layer {layer} does not exist: the model has layers 0..{atlas.n_layers - 1}.")
