@@ -303,24 +303,13 @@ class HFCLIPVisionAdapter(HFAdapter):
         return ("cls",)
 
 
-@register_adapter
-class HFBertAdapter(HFAdapter):
-    """BERT-style post-LN text encoders (BERT, MiniLM): x̃ is the block input, which the
-    previous block's output LayerNorm (the embedding LayerNorm for layer 0) produced."""
+class HFTextAdapter(HFAdapter):
+    """Shared by the transformers text models: no image grid or preprocessing; inputs are token tensors from
+    the model's tokenizer. ``forward_options``: extra keyword arguments of the model's forward call."""
 
-    family = "hf-bert"
     modality = "text"
-    transformers_module = "transformers.models.bert.modeling_bert"
-    backbone_classes = ("BertModel",)
-    layer_class = "BertLayer"
-    attention_attr = "attention"
-    norm_attr = None
     tokenizer: Any = None
-
-    def _ln_feeding(self, index: int) -> nn.Module | None:
-        if index == 0:
-            return getattr(self.backbone.embeddings, "LayerNorm", None)
-        return getattr(self.layers[index - 1].output, "LayerNorm", None)
+    forward_options: ClassVar[dict[str, Any]] = {}
 
     def patch_grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
         return ModelAdapter.patch_grid(self, image_size)
@@ -331,7 +320,7 @@ class HFBertAdapter(HFAdapter):
     def forward(self, inputs: Any) -> Any:
         if not isinstance(inputs, dict):
             raise QKDissectError("a text model takes a dict of token tensors (input_ids, attention_mask, ...).")
-        return self._call(**inputs)
+        return self._call(**inputs, **self.forward_options)
 
     def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
         """Token tensors for ``texts`` with the model's tokenizer (needs one to have been loaded)."""
@@ -339,3 +328,21 @@ class HFBertAdapter(HFAdapter):
             raise QKDissectError("this text model was loaded without a tokenizer; load it from a folder "
                                  "that has tokenizer files (or builtin:minilm).")
         return dict(self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True))
+
+
+@register_adapter
+class HFBertAdapter(HFTextAdapter):
+    """BERT-style post-LN text encoders (BERT, MiniLM): x̃ is the block input, which the
+    previous block's output LayerNorm (the embedding LayerNorm for layer 0) produced."""
+
+    family = "hf-bert"
+    transformers_module = "transformers.models.bert.modeling_bert"
+    backbone_classes = ("BertModel",)
+    layer_class = "BertLayer"
+    attention_attr = "attention"
+    norm_attr = None
+
+    def _ln_feeding(self, index: int) -> nn.Module | None:
+        if index == 0:
+            return getattr(self.backbone.embeddings, "LayerNorm", None)
+        return getattr(self.layers[index - 1].output, "LayerNorm", None)

@@ -12,13 +12,11 @@ windows, where configured) are part of the form; x̃ is the input norm's output 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from qkdissect.adapters.base import ModelAdapter
-from qkdissect.adapters.hf import HFAdapter
+from qkdissect.adapters.hf import HFTextAdapter
 from qkdissect.adapters.registry import register_adapter
 from qkdissect.adapters.timm_common import norm_module
 from qkdissect.adapters.timm_eva import pairs_from_full
@@ -28,29 +26,11 @@ from qkdissect.forms import AttentionForm, RotaryTable
 __all__ = ["HFGPT2Adapter", "HFLlamaAdapter", "HFQwen2Adapter", "HFQwen3Adapter"]
 
 
-class _HFDecoder(HFAdapter):
-    modality = "text"
-    tokenizer: Any = None
+class _HFDecoder(HFTextAdapter):
     norm_attr = "input_layernorm"
     attention_attr = "self_attn"
     text_context = 256
-
-    def patch_grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
-        return ModelAdapter.patch_grid(self, image_size)
-
-    def preprocessing(self) -> None:
-        return None
-
-    def forward(self, inputs: Any) -> Any:
-        if not isinstance(inputs, dict):
-            raise QKDissectError("a text model takes a dict of token tensors (input_ids, attention_mask, ...).")
-        return self._call(**inputs, use_cache=False)
-
-    def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
-        if self.tokenizer is None:
-            raise QKDissectError("this text model was loaded without a tokenizer; load it from a folder with "
-                                 "tokenizer files.")
-        return dict(self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True))
+    forward_options = {"use_cache": False}
 
     def _sliding(self, index: int) -> int | None:
         types = getattr(self.config, "layer_types", None)

@@ -208,18 +208,13 @@ class HFBeitAdapter(_RelativeBiasMixin, HFAdapter):
 
 
 @register_adapter
-class HFData2VecVisionAdapter(_RelativeBiasMixin, HFAdapter):
+class HFData2VecVisionAdapter(HFBeitAdapter):
+    """Data2Vec-Vision: BEiT's architecture under other class names; its bias modules sit elsewhere."""
+
     family = "hf-data2vec-vision"
     transformers_module = "transformers.models.data2vec.modeling_data2vec_vision"
     backbone_classes = ("Data2VecVisionModel",)
     layer_class = "Data2VecVisionLayer"
-    attention_attr = "attention"
-    norm_attr = "layernorm_before"
-    default_mean, default_std = HALF, HALF
-
-    @property
-    def prefix_tokens(self) -> tuple[str, ...]:
-        return ("cls",)
 
     def attention_form(self, layer: int) -> AttentionForm:
         owner = self._qk[layer][0]

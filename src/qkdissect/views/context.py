@@ -15,6 +15,7 @@ from torch import Tensor
 from qkdissect.adapters.loading import LoadedModel, wrap_model
 from qkdissect.errors import QKDissectError
 from qkdissect.files import atomic_write
+from qkdissect.progress import ProgressFn, report
 from qkdissect.projection import (
     capture_attention_inputs,
     key_bias_logits,
@@ -212,23 +213,32 @@ def check_inputs(ctx: ViewContext, images: Sequence, texts: Sequence[str]) -> No
 
 
 def iter_inputs(ctx: ViewContext, images: Sequence[str | os.PathLike], texts: Sequence[str],
-                 failed: list[dict[str, str]]) -> Iterator[ViewInput | None]:
-    """Decode images one at a time (a failure is recorded and yields None) and tokenize texts."""
+                failed: list[dict[str, str]], progress: ProgressFn | None = None,
+                stage: str = "inputs") -> Iterator[ViewInput]:
+    """Decode images one at a time and tokenize texts; an unreadable image is recorded in ``failed`` and skipped.
+
+    ``progress(stage, done, total)`` follows every input: a failed one at once, a good one when the caller asks
+    for the next (that is, once the caller has finished with it).
+    """
     from qkdissect.images import open_image
 
     check_inputs(ctx, images, texts)
     preprocessing = ctx.loaded.preprocessing
+    total, done = len(images) + len(texts), 0
     for index, path in enumerate(images):
         try:
             image = open_image(path)
         except QKDissectError as error:
             failed.append({"source": str(path), "reason": str(error)})
-            yield None
-            continue
-        yield ViewInput("image", str(path), f"{index:03d}_{safe_stem(Path(path))}",
-                     crop=preprocessing.resize_and_crop(image), pixels=preprocessing(image))
+        else:
+            yield ViewInput("image", str(path), f"{index:03d}_{safe_stem(Path(path))}",
+                            crop=preprocessing.resize_and_crop(image), pixels=preprocessing(image))
+        done += 1
+        report(progress, stage, done, total)
     for index, text in enumerate(texts):
         yield ViewInput("text", text, f"text_{index:03d}", tokens=ctx.loaded.adapter.tokenize([text]))
+        done += 1
+        report(progress, stage, done, total)
 
 
 def forward_input(item: ViewInput) -> tuple[Any, Tensor | None]:

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from qkdissect.errors import QKDissectError
 from qkdissect.files import atomic_write
-from qkdissect.progress import ProgressFn, report
+from qkdissect.progress import ProgressFn
 from qkdissect.views.context import (
     FORMAT_VERSION,
     MAPS_FORMAT,
@@ -175,18 +175,13 @@ def run_maps(ctx: ViewContext, out: str | os.PathLike, *, layer: int, head: int,
         staging = folder.staging
         failed: list[dict[str, str]] = []
         entries = []
-        total = len(images) + len(texts)
-        for done, item in enumerate(iter_inputs(ctx, images, texts, failed), start=1):
-            if item is None:
-                report(progress, "maps", done, total)
-                continue
+        for item in iter_inputs(ctx, images, texts, failed, progress, "maps"):
             batch, mask = forward_input(item)
             maps = head_maps(ctx, batch, layer, head, modes, mask)
             if item.kind == "image":
                 entries.append(_write_image_item(ctx, staging, item, maps, signs))
             else:
                 entries.append(_write_text_item(ctx, staging, item, maps))
-            report(progress, "maps", done, total)
         atlas = ctx.atlas
         form = atlas.layers[layer].form
         meta = model_meta(ctx)

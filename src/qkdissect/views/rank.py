@@ -14,7 +14,7 @@ from torch import Tensor
 
 from qkdissect.errors import QKDissectError
 from qkdissect.files import atomic_write
-from qkdissect.progress import ProgressFn, report
+from qkdissect.progress import ProgressFn
 from qkdissect.projection import capture_attention_inputs, logit_variance_shares
 from qkdissect.views.context import (
     FORMAT_VERSION,
@@ -95,11 +95,7 @@ def run_rank(ctx: ViewContext, out: str | os.PathLike, *, layers: Sequence[int],
         items, all_rows = [], []
         palette = ["#4363d8", "#f58231", "#3cb44b", "#911eb4", "#e6194b", "#42d4f4", "#f032e6", "#9a6324",
                    "#469990", "#808000", "#000075", "#a9a9a9"]
-        total = len(images) + len(texts)
-        for done, item in enumerate(iter_inputs(ctx, images, texts, failed), start=1):
-            if item is None:
-                report(progress, "rank", done, total)
-                continue
+        for item in iter_inputs(ctx, images, texts, failed, progress, "rank"):
             batch, mask = forward_input(item)
             if item.kind == "image" and patches_only:
                 rows_, cols_ = ctx.grid()
@@ -118,7 +114,6 @@ def run_rank(ctx: ViewContext, out: str | os.PathLike, *, layers: Sequence[int],
                                  f"top {len(shown)} modes by {'share' if by == 'share' else 'explained variance'}",
                            colours=[palette[r["head"] % len(palette)] for r in shown])
             items.append({"kind": item.kind, "source": item.source, "figure": figure, "top": shown})
-            report(progress, "rank", done, total)
 
         def write_csv(path: Path) -> None:
             with open(path, "w", newline="") as handle:
