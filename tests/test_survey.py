@@ -350,7 +350,7 @@ def test_survey_refuses_foreign_folders_and_other_options(tmp_path):
         survey(None, tmp_path / "s", null_samples=20, loader=tiny_loader([]))
     index.write_text(json.dumps({"format": "qkdissect-survey", "format_version": 1, "files": [], "options": {},
                                  "models": [{}]}))
-    with pytest.raises(QKDissectError, match=r"models\.0\.spec"):
+    with pytest.raises(QKDissectError, match=r"models\[0\]\.spec"):
         survey(None, tmp_path / "s", loader=tiny_loader([]))
 
 

@@ -33,7 +33,7 @@ Output folder (:func:`save_preference`, read back by :func:`load_preference`)::
                                 prefix_head_* (L, H, Q, S)   — axes named in preference.json "axes"
     OUT/preference_layers.csv   layer, query, source, variant, category, mean, lo, hi, n_images
                                 (variant "prefix" / category "prefix": attention to prefix tokens)
-    OUT/preference_heads.csv    the same with a head column (+ .parquet files when pyarrow exists)
+    OUT/preference_heads.csv    the same with a head column (+ the same tables as .parquet files)
     OUT/problems.csv            name, kind, detail of every skipped image or unmatched file
     OUT/preference.png          same / other / background over depth with intervals
     OUT/preference_modes.png    measured vs. predicted from all / the top-m modes (area-normalised)

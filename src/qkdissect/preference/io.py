@@ -71,15 +71,11 @@ def _write_table(path: Path, header: list[str], rows: list[list[Any]]) -> list[P
             writer.writerow(header)
             writer.writerows(["" if v is None else v for v in row] for row in rows)
 
-    written = [atomic_write(path, write)]
-    try:  # optional: parquet only when pyarrow (and pandas) are installed
-        import pandas
-        import pyarrow  # noqa: F401
-    except ImportError:
-        return written
-    frame = pandas.DataFrame(rows, columns=header)
-    written.append(atomic_write(path.with_suffix(".parquet"), lambda p: frame.to_parquet(p, index=False)))
-    return written
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({name: [row[i] for row in rows] for i, name in enumerate(header)})
+    return [atomic_write(path, write), atomic_write(path.with_suffix(".parquet"), lambda p: pq.write_table(table, p))]
 
 
 def save_preference(result: PreferenceResult, out: str | os.PathLike, figures: bool = True) -> list[Path]:
