@@ -31,10 +31,10 @@ import tempfile
 import time
 import types
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+# OpenMP's default wait policy, as users run it: OMP_WAIT_POLICY=PASSIVE (which bench/mine.py sets, for its
+# data-loading workers) makes the many small batched LAPACK calls here ~3× slower (factored SVD 0.20 s → 0.70 s).
+import numpy as np
+import torch
 
 
 def load_factored_matrix():
@@ -55,12 +55,18 @@ def load_factored_matrix():
         return importlib.import_module("transformer_lens.FactoredMatrix").FactoredMatrix
 
 
-def interleaved(methods: dict, rounds: dict[str, int]) -> dict[str, float]:
-    """Median seconds per method, timed in interleaved rounds."""
+def interleaved(methods: dict, rounds: dict[str, int], pause: float = 1.0) -> dict[str, float]:
+    """Median seconds per method, timed in interleaved rounds.
+
+    Each call starts after ``pause`` idle seconds: numpy's OpenBLAS workers keep spinning for a while after a call
+    and, on 2 cores, slow the next torch call by ~50% (measured: factored SVD 0.20 s → 0.30 s right after numpy
+    SVDs), which would charge one method for another's threads.
+    """
     times = {name: [] for name in methods}
     for round_ in range(max(rounds.values())):
         for name, fn in methods.items():
             if round_ < rounds[name]:
+                time.sleep(pause)
                 started = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - started)

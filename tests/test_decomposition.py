@@ -126,6 +126,39 @@ def test_factored_svd_batches_and_matches_dense_with_distinct_shapes():
     assert torch.allclose(M.transpose(-1, -2) @ U, V * S.unsqueeze(-2), atol=1e-10)
 
 
+def test_factored_svd_in_parallel_chunks_equals_each_head_alone(monkeypatch):
+    """A large CPU batch is split over threads; every head (rank-deficient ones included) must come out as it
+    does decomposed on its own, in any batch shape."""
+    import qkdissect.factored as factored
+
+    generator = torch.Generator().manual_seed(2)
+    W_q = torch.randn(5, 9, 6, 23, generator=generator, dtype=torch.float64)  # 45 heads: 2–3 chunks
+    W_k = torch.randn(5, 9, 6, 23, generator=generator, dtype=torch.float64)
+    W_q[1, 3] = 0.0  # rank 0
+    W_k[4, 8, 2:] = 0.0  # rank 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        chunks = []
+        monkeypatch.setattr(factored, "_factored_svd",
+                            lambda a, b, real=factored._factored_svd: chunks.append(a.shape[0]) or real(a, b))
+        U, S, V = factored_svd(W_q, W_k)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(chunks) == 2 and sum(chunks) == 45  # min(3 threads, 45 // 16) chunks
+    assert U.shape == (5, 9, 23, 6) and S.shape == (5, 9, 6) and V.shape == (5, 9, 23, 6)
+    for layer in range(5):
+        for head in range(9):
+            U1, S1, V1 = factored._factored_svd(W_q[layer, head], W_k[layer, head])
+            assert torch.allclose(S[layer, head], S1, atol=1e-12)
+            rank = int((S1 > 1e-9 * max(float(S1[0]), 1e-300)).sum())
+            assert torch.allclose(U[layer, head, :, :rank], U1[:, :rank], atol=1e-10)
+            assert torch.allclose(V[layer, head, :, :rank], V1[:, :rank], atol=1e-10)
+    M = W_q.transpose(-1, -2) @ W_k
+    assert torch.allclose((U * S.unsqueeze(-2)) @ V.transpose(-1, -2), M, atol=1e-10)
+    assert float(S[1, 3].abs().max()) == 0.0 and float(S[4, 8, 2:].max()) < 1e-10
+
+
 def test_float32_default_and_float64_agree(timm_vit):
     a32 = dissect(timm_vit, null_samples=10)
     a64 = dissect(timm_vit, dtype="float64", null_samples=10)

@@ -20,7 +20,7 @@ MAX_LINES = 550
 FLOORS = {
     0: ("qkdissect._version", "qkdissect.errors", "qkdissect.progress", "qkdissect.files", "qkdissect.outputs",
         "qkdissect.cache", "qkdissect.testpoints", "qkdissect.formats",
-        "qkdissect.images", "qkdissect.factored", "qkdissect.forms", "qkdissect.plots",
+        "qkdissect.images", "qkdissect.parallel", "qkdissect.factored", "qkdissect.forms", "qkdissect.plots",
         "qkdissect.overlays"),
     1: ("qkdissect.metrics", "qkdissect.weights", "qkdissect.adapters", "qkdissect.atlas", "qkdissect.decomposition",
         "qkdissect.positional", "qkdissect.projection", "qkdissect.synthetic", "qkdissect.builtin"),

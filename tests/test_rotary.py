@@ -234,3 +234,35 @@ def test_distance_sums_by_correlation_equal_the_pairwise_sums(shape, pairs, pref
     edges = distance_edges(table.positions)
     for fast, slow in zip(distance_average(z, table, edges), pairwise_distance_average(z, table, edges)):
         torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["timm-rope-mixed-ape", "timm-beit"])
+def test_positional_statistics_in_parallel_threads_equal_one_thread(kind):
+    """Layers' rotary / bias statistics run in parallel threads when torch has several: the same numbers as
+    computed one layer after the other."""
+    import qkdissect.decomposition as decomposition
+
+    loaded, _, _ = make(kind, seed=5)
+    threads = torch.get_num_threads()
+    calls = []
+    original = decomposition.thread_map
+    try:
+        torch.set_num_threads(1)
+        serial = dissect(loaded, dtype="float64", null_samples=20)
+        torch.set_num_threads(3)
+        decomposition.thread_map = lambda fn, items, workers: calls.append(workers) or original(fn, items, workers)
+        parallel = dissect(loaded, dtype="float64", null_samples=20)
+    finally:
+        decomposition.thread_map = original
+        torch.set_num_threads(threads)
+    assert calls and calls[0] >= 2  # the parallel path ran
+    checked = 0
+    for a, b in zip(serial.layers, parallel.layers):
+        assert a.positional is not None and b.positional is not None
+        for name, value in a.positional.__dict__.items():
+            other = getattr(b.positional, name)
+            assert (value is None) == (other is None), name
+            if value is not None:
+                assert torch.allclose(value.double(), other.double(), atol=1e-9), name
+                checked += 1
+    assert checked >= 2 * len(serial.layers)

@@ -44,6 +44,7 @@ from qkdissect.files import library_versions, timestamp
 from qkdissect.forms.logits import fold_qk_norm
 from qkdissect.forms.rotary import expected_norm2, to_complex
 from qkdissect.metrics import gaussian_null
+from qkdissect.parallel import thread_map, worker_count
 from qkdissect.positional import TableMoments, bias_statistics, rotary_statistics
 
 __all__ = ["ATLAS_FORMAT", "FORMAT_VERSION", "HeadModes", "LayerModes", "ModeAtlas", "dissect", "factored_svd", "fold_layer_norm",
@@ -118,7 +119,7 @@ def dissect(
         for position, index in enumerate(indices):
             modes[index] = _layer_modes(normed[index], raw[index], U[position], S[position], V[position], dtype)
     modes = _with_positional(modes, dtype)
-    description = loaded.adapter.describe()
+    description = loaded.adapter.describe(raw)
     has_ln = any(layer.ln_weight is not None or layer.ln_bias is not None for layer in raw)
     preprocessing = loaded.preprocessing
     scales = [float(layer.scale) for layer in raw]
@@ -179,34 +180,46 @@ def _layer_modes(layer: AttentionLayer, raw: AttentionLayer, U: Tensor, S: Tenso
 
 
 def _with_positional(modes: list[LayerModes], dtype: torch.dtype) -> list[LayerModes]:
-    """Add rotary and relative-bias statistics; rotary tables shared by layers are processed once."""
+    """Add rotary and relative-bias statistics; rotary tables shared by layers are processed once, and the
+    layers' statistics are computed in parallel threads (:mod:`qkdissect.parallel`)."""
     cache: list[tuple[Any, TableMoments]] = []
-    out = []
+    moments: list[TableMoments | None] = []
     for layer in modes:
-        form = layer.form
-        if form is None or (form.rotary is None and form.bias is None):
-            out.append(layer)
-            continue
-        stats = PositionalStats()
-        norm2 = None
-        if form.rotary is not None:
-            table, d_head = form.rotary, layer.G_q.shape[-1]
+        table = None if layer.form is None else layer.form.rotary
+        found = None
+        if table is not None:
+            d_head = layer.G_q.shape[-1]
             found = next((m for t, m in cache if t[0] == d_head and torch.equal(t[1], table.cos)
                           and torch.equal(t[2], table.sin) and t[3] == table.pairs), None)
             if found is None:
                 found = TableMoments.of(table, d_head)
                 cache.append(((d_head, table.cos, table.sin, table.pairs), found))
-            stats = rotary_statistics(layer, found)
-            g_q = to_complex(layer.G_q.double(), table.layout, table.rotary_dim)
-            g_k = to_complex(layer.G_k.double(), table.layout, table.rotary_dim)
-            norm2 = expected_norm2(g_q, g_k, found.moment_ww, found.moment_wcw)
-        if form.bias is not None:
-            variance, share = bias_statistics(layer, float(layer.scale), norm2)
-            stats = PositionalStats(**{**stats.__dict__, "bias_variance": variance, "bias_share": share})
-        stats = PositionalStats(**{k: None if v is None else (v.to(dtype) if v.is_floating_point() else v)
-                                   for k, v in stats.__dict__.items()})
-        out.append(LayerModes(**{**layer.__dict__, "positional": stats}))
-    return out
+        moments.append(found)
+    work = [(layer, found, dtype) for layer, found in zip(modes, moments)]
+    n_positional = sum(layer.form is not None and (layer.form.rotary is not None or layer.form.bias is not None)
+                       for layer in modes)
+    return thread_map(_layer_with_positional, work, worker_count(n_positional))
+
+
+def _layer_with_positional(work: tuple[LayerModes, TableMoments | None, torch.dtype]) -> LayerModes:
+    layer, moments, dtype = work
+    form = layer.form
+    if form is None or (form.rotary is None and form.bias is None):
+        return layer
+    stats = PositionalStats()
+    norm2 = None
+    if form.rotary is not None:
+        table = form.rotary
+        stats = rotary_statistics(layer, moments)
+        g_q = to_complex(layer.G_q.double(), table.layout, table.rotary_dim)
+        g_k = to_complex(layer.G_k.double(), table.layout, table.rotary_dim)
+        norm2 = expected_norm2(g_q, g_k, moments.moment_ww, moments.moment_wcw)
+    if form.bias is not None:
+        variance, share = bias_statistics(layer, float(layer.scale), norm2)
+        stats = PositionalStats(**{**stats.__dict__, "bias_variance": variance, "bias_share": share})
+    stats = PositionalStats(**{k: None if v is None else (v.to(dtype) if v.is_floating_point() else v)
+                               for k, v in stats.__dict__.items()})
+    return LayerModes(**{**layer.__dict__, "positional": stats})
 
 
 def _to(layer: AttentionLayer, dtype: torch.dtype, device: Any) -> AttentionLayer:

@@ -3,21 +3,28 @@
 For W_q, W_k (d_head × d_model), M = W_qᵀ W_k (d_model × d_model, rank ≤ d_head) is never
 formed: W_qᵀ = Q_q R_q, W_kᵀ = Q_k R_k (QR), R_q R_kᵀ = A diag(S) Bᵀ (an r × r SVD), and then
 M = (Q_q A) diag(S) (Q_k B)ᵀ. Cost O(d_model · d_head²) per head instead of O(d_model³).
+
+On the CPU a batch of heads is split into contiguous chunks decomposed in parallel threads
+(:mod:`qkdissect.parallel`; ViT-B's 144 heads on 2 cores: 0.21–0.25 s serial, 0.15–0.2 s in 2 chunks).
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from qkdissect.errors import QKDissectError
+from qkdissect.parallel import chunk_bounds, thread_map, worker_count
 
 if TYPE_CHECKING:
     from jaxtyping import Float
 
 __all__ = ["factored_svd", "fix_signs", "trace_over_nuclear"]
+
+_MIN_HEADS_PER_CHUNK = 16  # below this a thread costs more than it saves
 
 
 def fix_signs(U: Float[Tensor, "*batch d_model r"], V: Float[Tensor, "*batch d_model r"]
@@ -42,6 +49,27 @@ def factored_svd(W_q: Float[Tensor, "*batch d_head d_model"], W_k: Float[Tensor,
     """
     if W_q.shape != W_k.shape:
         raise QKDissectError(f"W_q and W_k must have the same shape, got {tuple(W_q.shape)} and {tuple(W_k.shape)}.")
+    batch, (d_head, d_model) = W_q.shape[:-2], W_q.shape[-2:]
+    n_heads = math.prod(batch)
+    workers = worker_count(n_heads, _MIN_HEADS_PER_CHUNK)
+    if W_q.device.type != "cpu" or workers < 2 or W_q.requires_grad or W_k.requires_grad:
+        return _factored_svd(W_q, W_k)
+    flat_q, flat_k = W_q.reshape(n_heads, d_head, d_model), W_k.reshape(n_heads, d_head, d_model)
+    r = min(d_head, d_model)
+    U = W_q.new_empty(n_heads, d_model, r)
+    S = W_q.new_empty(n_heads, r)
+    V = W_q.new_empty(n_heads, d_model, r)
+
+    def chunk(bounds: tuple[int, int]) -> None:
+        start, stop = bounds
+        U[start:stop], S[start:stop], V[start:stop] = _factored_svd(flat_q[start:stop], flat_k[start:stop])
+
+    thread_map(chunk, chunk_bounds(n_heads, workers), workers)
+    return U.reshape(*batch, d_model, r), S.reshape(*batch, r), V.reshape(*batch, d_model, r)
+
+
+def _factored_svd(W_q: Tensor, W_k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`factored_svd` of one batch in the calling thread."""
     Q_q, R_q = torch.linalg.qr(W_q.transpose(-1, -2))
     Q_k, R_k = torch.linalg.qr(W_k.transpose(-1, -2))
     A, S, B_t = torch.linalg.svd(R_q @ R_k.transpose(-1, -2))

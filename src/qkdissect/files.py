@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -95,7 +96,6 @@ def library_versions(required: tuple[str, ...] = ()) -> dict[str, str]:
     """
     import importlib
     import platform
-    from importlib import metadata
 
     from qkdissect._version import __version__
 
@@ -104,9 +104,17 @@ def library_versions(required: tuple[str, ...] = ()) -> dict[str, str]:
         versions[name] = getattr(importlib.import_module(name), "__version__", "unknown")
     for name, distribution in (("timm", "timm"), ("transformers", "transformers"), ("safetensors", "safetensors"),
                                ("scipy", "scipy"), ("matplotlib", "matplotlib"), ("pillow", "pillow")):
-        if name not in versions:
-            try:
-                versions[name] = metadata.version(distribution)
-            except metadata.PackageNotFoundError:
-                pass
+        if name not in versions and (version := _installed_version(distribution)) is not None:
+            versions[name] = version
     return versions
+
+
+@functools.lru_cache(maxsize=None)
+def _installed_version(distribution: str) -> str | None:
+    """The installed distribution's version, or None (read once per process: ~2 ms each from its metadata)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None

@@ -244,9 +244,10 @@ class ModelAdapter(ABC):
             )
         return store[0]
 
-    def describe(self) -> dict[str, Any]:
-        """Shapes and token layout, for the atlas metadata."""
-        layers = self.attention_layers()
+    def describe(self, layers: Sequence[AttentionLayer] | None = None) -> dict[str, Any]:
+        """Shapes and token layout, for the atlas metadata (``layers``: this adapter's
+        :meth:`attention_layers`, when the caller has them already)."""
+        layers = self.attention_layers() if layers is None else layers
         first = layers[0]
         out = {
             "family": self.family,

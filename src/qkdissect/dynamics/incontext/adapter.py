@@ -14,7 +14,7 @@ the masked scaled scores divided by the context length (no softmax), so compare 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from torch import Tensor, nn
 
@@ -65,8 +65,8 @@ class ICLTransformerAdapter(ModelAdapter):
             for layer in layers:
                 layer.record = None
 
-    def describe(self) -> dict[str, Any]:
-        info = super().describe()
+    def describe(self, layers: Sequence[AttentionLayer] | None = None) -> dict[str, Any]:
+        info = super().describe(layers)
         model = self.model
         info.update({
             "attention": model.attention, "n_x": model.n_x, "n_y": model.n_y, "context": model.context,
