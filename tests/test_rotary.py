@@ -255,7 +255,7 @@ def test_positional_statistics_in_parallel_threads_equal_one_thread(kind):
     finally:
         decomposition.thread_map = original
         torch.set_num_threads(threads)
-    assert calls and calls[0] >= 2  # the parallel path ran
+    assert calls and max(calls) >= 2  # the parallel path ran
     checked = 0
     for a, b in zip(serial.layers, parallel.layers):
         assert a.positional is not None and b.positional is not None

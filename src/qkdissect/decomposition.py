@@ -182,20 +182,20 @@ def _layer_modes(layer: AttentionLayer, raw: AttentionLayer, U: Tensor, S: Tenso
 def _with_positional(modes: list[LayerModes], dtype: torch.dtype) -> list[LayerModes]:
     """Add rotary and relative-bias statistics; rotary tables shared by layers are processed once, and the
     layers' statistics are computed in parallel threads (:mod:`qkdissect.parallel`)."""
-    cache: list[tuple[Any, TableMoments]] = []
-    moments: list[TableMoments | None] = []
+    unique: list[tuple[Any, int]] = []  # distinct (rotary table, d_head)
+    which: list[int | None] = []  # per layer: its index in unique
     for layer in modes:
         table = None if layer.form is None else layer.form.rotary
-        found = None
+        index = None
         if table is not None:
             d_head = layer.G_q.shape[-1]
-            found = next((m for t, m in cache if t[0] == d_head and torch.equal(t[1], table.cos)
-                          and torch.equal(t[2], table.sin) and t[3] == table.pairs), None)
-            if found is None:
-                found = TableMoments.of(table, d_head)
-                cache.append(((d_head, table.cos, table.sin, table.pairs), found))
-        moments.append(found)
-    work = [(layer, found, dtype) for layer, found in zip(modes, moments)]
+            index = next((i for i, (t, d) in enumerate(unique) if d == d_head and torch.equal(t.cos, table.cos)
+                          and torch.equal(t.sin, table.sin) and t.pairs == table.pairs), None)
+            if index is None:
+                index, _ = len(unique), unique.append((table, d_head))
+        which.append(index)
+    moments = thread_map(lambda key: TableMoments.of(*key), unique, worker_count(len(unique)))
+    work = [(layer, None if i is None else moments[i], dtype) for layer, i in zip(modes, which)]
     n_positional = sum(layer.form is not None and (layer.form.rotary is not None or layer.form.bias is not None)
                        for layer in modes)
     return thread_map(_layer_with_positional, work, worker_count(n_positional))

@@ -10,7 +10,7 @@ C_h = +1 when W_k = W_q (M positive semi-definite: tokens attend to similar toke
 W_k = −W_q. The null is computed by sampling heads whose W_q, W_k (d_head × d_model) are
 i.i.d. Gaussian — the model's exact shapes — not from a formula; by default with an exact sampler
 of that distribution that costs O(d_head³) per head and never forms a d_model-sized matrix
-(:func:`_null_haar`), and cached per (shape, samples, seed, percentile) in the user cache
+(:func:`_haar_from`), and cached per (shape, samples, seed, percentile) in the user cache
 (:mod:`qkdissect.cache`).
 """
 
@@ -25,6 +25,7 @@ from torch import Tensor
 
 from qkdissect.errors import QKDissectError
 from qkdissect.factored import factored_svd
+from qkdissect.parallel import thread_map, worker_count
 
 if TYPE_CHECKING:
     from jaxtyping import Bool, Float
@@ -130,10 +131,13 @@ class NullReference:
         )
 
 
-def _null_dense(d_model: int, d_head: int, n: int, rng) -> tuple[Tensor, Tensor]:
+def _draw_dense(d_model: int, d_head: int, n: int, rng) -> tuple[np.ndarray, ...]:
+    return rng.standard_normal((n, d_head, d_model)), rng.standard_normal((n, d_head, d_model))
+
+
+def _dense_from(d_model: int, d_head: int, draws: tuple[np.ndarray, ...]) -> tuple[Tensor, Tensor]:
     """Literal sampler: W_q, W_k (n, d_head, d_model) i.i.d. N(0, 1) -> factored SVD. (S, cos), (n, r)."""
-    W_q = torch.from_numpy(rng.standard_normal((n, d_head, d_model)))
-    W_k = torch.from_numpy(rng.standard_normal((n, d_head, d_model)))
+    W_q, W_k = (torch.from_numpy(x) for x in draws)
     U, S, V = factored_svd(W_q, W_k)
     return S, mode_cosines(U, V)
 
@@ -148,7 +152,12 @@ def _bartlett(rng, n: int, size: int, df: int, upper: bool) -> np.ndarray:
     return T
 
 
-def _null_factored(d_model: int, d_head: int, n: int, rng) -> tuple[Tensor, Tensor]:
+def _draw_factored(d_model: int, d_head: int, n: int, rng) -> tuple[np.ndarray, ...]:
+    return (_bartlett(rng, n, d_head, d_model, upper=True), _bartlett(rng, n, d_head, d_model, upper=True),
+            rng.standard_normal((n, d_head, d_head)), _bartlett(rng, n, d_head, d_model - d_head, upper=False))
+
+
+def _factored_from(d_model: int, d_head: int, draws: tuple[np.ndarray, ...]) -> tuple[Tensor, Tensor]:
     """Exact sampler of the same distribution in O(d_head³) per head, independent of d_model.
 
     For W_qᵀ = Q_q R_q, W_kᵀ = Q_k R_k with Gaussian W: Q and R are independent, R is Bartlett
@@ -157,10 +166,7 @@ def _null_factored(d_model: int, d_head: int, n: int, rng) -> tuple[Tensor, Tens
     with G = [G_top; G_bot] Gaussian and G_botᵀG_bot ~ Wishart(d_model − d_head) (Bartlett again).
     Needs d_model ≥ 2·d_head.
     """
-    R_q = torch.from_numpy(_bartlett(rng, n, d_head, d_model, upper=True))
-    R_k = torch.from_numpy(_bartlett(rng, n, d_head, d_model, upper=True))
-    G_top = torch.from_numpy(rng.standard_normal((n, d_head, d_head)))
-    L = torch.from_numpy(_bartlett(rng, n, d_head, d_model - d_head, upper=False))
+    R_q, R_k, G_top, L = (torch.from_numpy(x) for x in draws)
     gram = G_top.transpose(-1, -2) @ G_top + L @ L.transpose(-1, -2)
     eigenvalues, E = torch.linalg.eigh(gram)
     C = G_top @ (E * eigenvalues.rsqrt().unsqueeze(-2)) @ E.transpose(-1, -2)
@@ -169,10 +175,22 @@ def _null_factored(d_model: int, d_head: int, n: int, rng) -> tuple[Tensor, Tens
     return S, cos
 
 
-def _null_haar(d_model: int, d_head: int, n: int, rng) -> tuple[Tensor, Tensor]:
+def _draw_haar(d_model: int, d_head: int, n: int, rng) -> tuple[np.ndarray, ...]:
+    rest = d_model - d_head
+    R_q = _bartlett(rng, n, d_head, d_model, upper=True)
+    R_k = _bartlett(rng, n, d_head, d_model, upper=True)
+    G_top = rng.standard_normal((n, d_head, d_head))
+    if rest >= d_head:
+        L = _bartlett(rng, n, d_head, rest, upper=False)
+    else:  # a rank-deficient Wishart matrix: draw its Gaussian factor directly
+        L = rng.standard_normal((n, d_head, rest))
+    return R_q, R_k, G_top, L
+
+
+def _haar_from(d_model: int, d_head: int, draws: tuple[np.ndarray, ...]) -> tuple[Tensor, Tensor]:
     """Exact sampler of the same distribution with no SVD, eigendecomposition or d_model-sized matrix.
 
-    In :func:`_null_factored`, cos = diag(Aᵀ C B) with C = Q_qᵀ Q_k independent of (A, S, B) (Q and R of a
+    In :func:`_factored_from`, cos = diag(Aᵀ C B) with C = Q_qᵀ Q_k independent of (A, S, B) (Q and R of a
     Gaussian matrix are independent). C is bi-orthogonally invariant (C ~ O₁ C O₂ for fixed orthogonal O₁, O₂,
     because Q_q, Q_k are Haar), so Aᵀ C B has the distribution of C itself: the cosines are the diagonal of C,
     independent of S. With Q_q = [I; 0] and Q_k = G R⁻¹ (G Gaussian d_model × d_head, R the Cholesky factor of
@@ -183,16 +201,9 @@ def _null_haar(d_model: int, d_head: int, n: int, rng) -> tuple[Tensor, Tensor]:
     Per head: three d_head³ products, one Cholesky factor, one triangular inverse and one symmetric eigenvalue
     problem (values only). Needs d_model ≥ d_head.
     """
-    R_q = torch.from_numpy(_bartlett(rng, n, d_head, d_model, upper=True))
-    R_k = torch.from_numpy(_bartlett(rng, n, d_head, d_model, upper=True))
+    R_q, R_k, G_top, L = (torch.from_numpy(x) for x in draws)
     P = R_q @ R_k.transpose(-1, -2)
     S = torch.linalg.eigvalsh(P @ P.transpose(-1, -2)).clamp_min(0).sqrt().flip(-1)  # descending
-    G_top = torch.from_numpy(rng.standard_normal((n, d_head, d_head)))
-    rest = d_model - d_head
-    if rest >= d_head:
-        L = torch.from_numpy(_bartlett(rng, n, d_head, rest, upper=False))
-    else:  # a rank-deficient Wishart matrix: draw its Gaussian factor directly
-        L = torch.from_numpy(rng.standard_normal((n, d_head, rest)))
     R = torch.linalg.cholesky(G_top.transpose(-1, -2) @ G_top + L @ L.transpose(-1, -2), upper=True)
     identity = torch.eye(d_head, dtype=R.dtype).expand_as(R)
     R_inv = torch.linalg.solve_triangular(R, identity, upper=True)
@@ -200,7 +211,24 @@ def _null_haar(d_model: int, d_head: int, n: int, rng) -> tuple[Tensor, Tensor]:
     return S, cos
 
 
-SAMPLERS = {"dense": _null_dense, "factored": _null_factored, "haar": _null_haar}
+# name -> (draw: the random numbers of one chunk, in a fixed order from the one generator; compute: (S, cos) from them)
+SAMPLERS = {"dense": (_draw_dense, _dense_from), "factored": (_draw_factored, _factored_from),
+            "haar": (_draw_haar, _haar_from)}
+
+
+def _null_dense(d_model: int, d_head: int, n: int, rng) -> tuple[Tensor, Tensor]:
+    """(S, cos) of ``n`` Gaussian heads decomposed (see :func:`_dense_from`)."""
+    return _dense_from(d_model, d_head, _draw_dense(d_model, d_head, n, rng))
+
+
+def _null_factored(d_model: int, d_head: int, n: int, rng) -> tuple[Tensor, Tensor]:
+    """(S, cos) of ``n`` heads from their QR factors (see :func:`_factored_from`)."""
+    return _factored_from(d_model, d_head, _draw_factored(d_model, d_head, n, rng))
+
+
+def _null_haar(d_model: int, d_head: int, n: int, rng) -> tuple[Tensor, Tensor]:
+    """(S, cos) of ``n`` heads with no SVD (see :func:`_haar_from`)."""
+    return _haar_from(d_model, d_head, _draw_haar(d_model, d_head, n, rng))
 
 
 NULL_SAMPLER_VERSION = 2  # bump whenever a sampler's output for a given seed changes (invalidates the cache)
@@ -249,14 +277,17 @@ def gaussian_null(
 
 def _null_bands(d_model: int, d_head: int, n_samples: int, percentile: float, seed: int, method: str,
                 chunk: int) -> dict[str, Any]:
-    sampler = SAMPLERS[method]
+    draw, compute = SAMPLERS[method]
     rng = np.random.default_rng(seed)
-    cos_parts, weighted_parts = [], []
-    for start in range(0, n_samples, chunk):
-        S, cos = sampler(d_model, d_head, min(chunk, n_samples - start), rng)
-        cos_parts.append(cos.flatten())
-        weighted_parts.append(weighted_cosine(S, cos))
-    cosines, weighted = torch.cat(cos_parts), torch.cat(weighted_parts)
+    starts = range(0, n_samples, chunk)
+    draws = (draw(d_model, d_head, min(chunk, n_samples - start), rng) for start in starts)  # in order, lazily
+
+    def bands_of(chunk_draws: tuple[np.ndarray, ...]) -> tuple[Tensor, Tensor]:
+        S, cos = compute(d_model, d_head, chunk_draws)
+        return cos.flatten(), weighted_cosine(S, cos)
+
+    parts = thread_map(bands_of, draws, worker_count(len(starts)))  # chunks' linear algebra in parallel threads
+    cosines, weighted = torch.cat([cos for cos, _ in parts]), torch.cat([w for _, w in parts])
     tail = (100.0 - percentile) / 200.0
     qs = torch.tensor([tail, 1.0 - tail], dtype=torch.float64)
     return {"cosine_band": torch.quantile(cosines, qs).tolist(), "weighted_band": torch.quantile(weighted, qs).tolist(),
