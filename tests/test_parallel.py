@@ -81,3 +81,21 @@ def test_a_generator_is_advanced_in_order_in_the_calling_thread_with_bounded_ite
 
     assert thread_map(piece, items(), 3) == [-i for i in range(10)]
     assert produced == list(range(10)) and sorted(finished) == list(range(10))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_a_forked_child_gets_a_working_pool(three_threads):
+    """After the parent has used its pool, a forked child (data-loader workers are forked) can still map."""
+    import multiprocessing
+
+    assert thread_map(abs, [-1, -2, -3], 2) == [1, 2, 3]  # the parent's pool threads exist now
+    context = multiprocessing.get_context("fork")
+    pool = context.Pool(1)
+    try:
+        assert pool.apply_async(_map_in_child, ()).get(timeout=30) == [1, 2, 3]  # a stale pool would hang
+    finally:
+        pool.terminate()
+
+
+def _map_in_child() -> list[int]:
+    return thread_map(abs, [-1, -2, -3], 2)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
@@ -89,6 +90,18 @@ def single_threaded_kernels() -> Iterator[None]:
             _single["depth"] -= 1
             if _single["depth"] == 0:
                 torch.set_num_threads(_single["saved"])
+
+
+def _forget_pool_after_fork() -> None:
+    """A forked child (a data-loader or drawing worker) has none of the parent's threads: give it a fresh pool
+    and lock instead of one whose workers do not exist there."""
+    global _pool, _lock
+    _pool, _lock = None, threading.Lock()
+    _single["depth"] = 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 def _shared_pool(workers: int) -> ThreadPoolExecutor:
