@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 import numpy as np
 
 if TYPE_CHECKING:
-    from qkdissect.comparison import ComparedModel
     from qkdissect.decomposition import ModeAtlas
 
 __all__ = ["new_figure", "plot_compare", "plot_layer_similarity", "plot_mode_cosines", "save_figure"]
@@ -133,7 +132,20 @@ def plot_mode_cosines(atlas: ModeAtlas, path: str | os.PathLike) -> Path:
     return save_figure(fig, path)
 
 
-def plot_compare(models: Sequence[ComparedModel], labels: Sequence[str], path: str | os.PathLike) -> Path:
+class DepthProfile(Protocol):
+    """What :func:`plot_compare` reads of a model (e.g. :class:`qkdissect.comparison.ComparedModel`)."""
+
+    @property
+    def relative_depth(self) -> Sequence[float]: ...
+    @property
+    def means(self) -> Sequence[float]: ...
+    @property
+    def stds(self) -> Sequence[float]: ...
+    @property
+    def band(self) -> tuple[float, float]: ...
+
+
+def plot_compare(models: Sequence[DepthProfile], labels: Sequence[str], path: str | os.PathLike) -> Path:
     """Mean weighted cosine (± std over heads) against relative depth for several models
     (:class:`qkdissect.comparison.ComparedModel`), each with its own null band (dotted)."""
     fig, ax = new_figure()
