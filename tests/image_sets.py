@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+from helpers import save_timm_folder  # noqa: F401 — re-exported for the source tests
 
 
 def natural_images(count: int = 14, seed: int = 0) -> list[tuple[str, bytes]]:
@@ -123,17 +124,3 @@ def write_parquet(folder: Path, images: list[tuple[str, bytes | None]], *, files
         pq.write_table(table, path, row_group_size=row_group)
         paths.append(path)
     return paths
-
-
-def save_timm_folder(model, folder: Path) -> Path:
-    """A timm model folder (config.json with architecture and model_args + model.safetensors) of helpers'
-    make_timm_vit model."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
-    args = dict(img_size=[40, 56], patch_size=8, embed_dim=24, depth=3, num_heads=4, qkv_bias=True, reg_tokens=2,
-                mlp_ratio=1.5)
-    (folder / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224", "num_classes": 5,
-                                                    "model_args": args}))
-    return folder

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import make_hf, make_timm_vit
+from helpers import make_hf, make_timm_vit, save_timm_folder
 
 from qkdissect import dissect
 from qkdissect.adapters import wrap_model
@@ -226,21 +226,6 @@ def test_killed_run_resumes_to_the_same_result(model, atlas, image_folder, tmp_p
     assert not (tmp_path / "resumed" / "checkpoint").exists()
     again = mine(model, image_folder, tmp_path / "resumed", resume=True, **settings)  # finished: just loads
     assert_same_result(single, again)
-
-
-def save_timm_folder(model, folder: Path) -> Path:
-    """A timm model folder (config.json with architecture and model_args + model.safetensors)."""
-    import json
-
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
-    args = dict(img_size=[40, 56], patch_size=8, embed_dim=24, depth=3, num_heads=4, qkv_bias=True, reg_tokens=2,
-                mlp_ratio=1.5)
-    (folder / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224", "num_classes": 5,
-                                                    "model_args": args}))
-    return folder
 
 
 def test_two_ranks_under_torchrun_equal_a_single_run(model, atlas, image_folder, tmp_path):
