@@ -42,10 +42,9 @@ from qkdissect.errors import QKDissectError
 from qkdissect.factored import factored_svd
 from qkdissect.files import library_versions, timestamp
 from qkdissect.forms.logits import fold_qk_norm
-from qkdissect.forms.rotary import expected_norm2, to_complex
 from qkdissect.metrics import gaussian_null
 from qkdissect.parallel import thread_map, worker_count
-from qkdissect.positional import TableMoments, bias_statistics, rotary_statistics
+from qkdissect.positional import TableMoments, positional_statistics
 
 __all__ = ["ATLAS_FORMAT", "FORMAT_VERSION", "HeadModes", "LayerModes", "ModeAtlas", "dissect", "factored_svd", "fold_layer_norm",
            "near_degenerate"]
@@ -206,17 +205,7 @@ def _layer_with_positional(work: tuple[LayerModes, TableMoments | None, torch.dt
     form = layer.form
     if form is None or (form.rotary is None and form.bias is None):
         return layer
-    stats = PositionalStats()
-    norm2 = None
-    if form.rotary is not None:
-        table = form.rotary
-        stats = rotary_statistics(layer, moments)
-        g_q = to_complex(layer.G_q.double(), table.layout, table.rotary_dim)
-        g_k = to_complex(layer.G_k.double(), table.layout, table.rotary_dim)
-        norm2 = expected_norm2(g_q, g_k, moments.moment_ww, moments.moment_wcw)
-    if form.bias is not None:
-        variance, share = bias_statistics(layer, float(layer.scale), norm2)
-        stats = PositionalStats(**{**stats.__dict__, "bias_variance": variance, "bias_share": share})
+    stats = positional_statistics(layer, moments)
     stats = PositionalStats(**{k: None if v is None else (v.to(dtype) if v.is_floating_point() else v)
                                for k, v in stats.__dict__.items()})
     return LayerModes(**{**layer.__dict__, "positional": stats})

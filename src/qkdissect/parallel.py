@@ -27,6 +27,7 @@ R = TypeVar("R")
 
 _PREFIX = "qkdissect-worker"
 _pool: ThreadPoolExecutor | None = None
+_pool_size = 0
 _lock = threading.Lock()
 _single = {"depth": 0, "saved": 1}  # nesting count of single_threaded_kernels() and the thread count to restore
 
@@ -105,8 +106,10 @@ if hasattr(os, "register_at_fork"):
 
 
 def _shared_pool(workers: int) -> ThreadPoolExecutor:
-    global _pool
+    global _pool, _pool_size
     with _lock:
-        if _pool is None or _pool._max_workers < workers:  # torch's thread count grew
-            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=_PREFIX)
+        if _pool is None or _pool_size < workers:  # torch's thread count grew
+            if _pool is not None:
+                _pool.shutdown(wait=False)  # its queued pieces still run; then its threads end
+            _pool, _pool_size = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=_PREFIX), workers
         return _pool

@@ -36,8 +36,8 @@ from qkdissect.forms.rotary import (
     to_complex,
 )
 
-__all__ = ["OffsetModes", "TableMoments", "bias_statistics", "offset_modes", "parse_offset", "refuse_windows",
-           "rotary_statistics"]
+__all__ = ["OffsetModes", "TableMoments", "bias_statistics", "offset_modes", "parse_offset", "positional_statistics",
+           "refuse_windows", "rotary_statistics"]
 
 
 @dataclass(frozen=True)
@@ -80,8 +80,27 @@ def _complex_factors(layer: LayerModes, table: RotaryTable) -> tuple[Tensor, Ten
             to_complex(layer.G_k.double(), table.layout, table.rotary_dim))
 
 
+def positional_statistics(layer: LayerModes, moments: TableMoments | None) -> PositionalStats:
+    """The rotary statistics (``moments``: the layer's rotary table's, None without rotation) and the relative-bias
+    variance and share of one layer (float64); E‖M(w)‖_F² of the rotary layer is the content variance of its bias
+    share."""
+    form = layer.form
+    stats, norm2 = PositionalStats(), None
+    if form is not None and form.rotary is not None:
+        stats, norm2 = _rotary_statistics(layer, moments)
+    if form is not None and form.bias is not None:
+        variance, share = bias_statistics(layer, float(layer.scale), norm2)
+        stats = PositionalStats(**{**stats.__dict__, "bias_variance": variance, "bias_share": share})
+    return stats
+
+
 def rotary_statistics(layer: LayerModes, moments: TableMoments) -> PositionalStats:
     """M̄ modes, distance curve, content share and pair coherence of one rotary layer (float64)."""
+    return _rotary_statistics(layer, moments)[0]
+
+
+def _rotary_statistics(layer: LayerModes, moments: TableMoments) -> tuple[PositionalStats, Tensor]:
+    """:func:`rotary_statistics` and E‖K(w)‖_F² per head (H,)."""
     table = layer.form.rotary
     U, V = layer.U.double(), layer.V.double()
     g_q, g_k = _complex_factors(layer, table)
@@ -98,7 +117,7 @@ def rotary_statistics(layer: LayerModes, moments: TableMoments) -> PositionalSta
     coherence = moments.w_bar[..., :table.n_pairs].abs()
     return PositionalStats(U_bar=U_bar, S_bar=S_bar, V_bar=V_bar, distances=moments.bin_distance,
                            distance_pairs=moments.bin_pairs, distance_cosine=curve, content_share=share,
-                           coherence=coherence)
+                           coherence=coherence), total
 
 
 def nuclear_norm(cores: Tensor) -> Tensor:
